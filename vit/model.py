@@ -1,0 +1,326 @@
+"""The Vision Transformer of Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021).
+
+An image is cut into patches by a strided convolution; a learned cls token and learned
+position embeddings are added; a stack of pre-norm encoder blocks (multi-head self-attention,
+then an MLP, each around a residual) mixes the tokens; a linear head reads the cls token
+(or the mean of the patch tokens).
+
+Parameter names follow timm's ``VisionTransformer``, so its weights load without renaming.
+Shape glossary: B batch, N tokens, C channels, H/W pixels, heads, head_dim, grid_h/grid_w.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vit.pos_embed import infer_square_grid, resize_pos_embed
+
+
+def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    return int(value[0]), int(value[1])
+
+
+@dataclass
+class ViTConfig:
+    """Architecture of a Vision Transformer; everything needed to rebuild one."""
+
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    init_values: float | None = None  # LayerScale; None turns it off
+    global_pool: str = "token"  # "token" reads the cls token, "avg" averages patch tokens
+    fc_norm: bool | None = None  # norm after pooling; None means "only for avg pooling"
+    drop_rate: float = 0.0  # before the head
+    pos_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    norm_eps: float = 1e-6
+    extra: dict = field(default_factory=dict)  # free-form notes (source, preset name)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["img_size"] = list(_pair(self.img_size))
+        return d
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens with one strided convolution."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # B, C, grid_h, grid_w
+        return x.flatten(2).transpose(1, 2)  # B, N, C
+
+
+class Attention(nn.Module):
+    """Multi-head scaled dot-product self-attention with one fused qkv projection."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(
+        self, x: torch.Tensor, return_attention: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B, heads, N, head_dim
+        q, k = self.q_norm(q), self.k_norm(k)
+
+        if return_attention:
+            # the explicit path: softmax(QK^T / sqrt(head_dim)) in float32, kept for rollout
+            scores = (q.float() * self.scale) @ k.float().transpose(-2, -1)  # B, heads, N, N
+            attn = scores.softmax(dim=-1)
+            x = (self.attn_drop(attn) @ v.float()).to(v.dtype)
+        else:
+            # the fused kernel never materialises the N x N matrix
+            dropout_p = self.attn_drop.p if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            attn = None
+
+        x = x.transpose(1, 2).reshape(B, N, C)  # heads concatenated
+        return self.proj_drop(self.proj(x)), attn
+
+
+class Mlp(nn.Module):
+    """Two linear layers with a GELU between them."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class LayerScale(nn.Module):
+    """Per-channel learned scale of a residual branch (Touvron et al., CaiT, 2021)."""
+
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample while training."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep  # rescaled so the expectation is unchanged
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.attn = Attention(
+            dim,
+            cfg.num_heads,
+            qkv_bias=cfg.qkv_bias,
+            qk_norm=cfg.qk_norm,
+            attn_drop=cfg.attn_drop_rate,
+            proj_drop=cfg.proj_drop_rate,
+            norm_eps=cfg.norm_eps,
+        )
+        self.ls1 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), drop=cfg.proj_drop_rate)
+        self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(
+        self, x: torch.Tensor, return_attention: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, attn = self.attn(self.norm1(x), return_attention)
+        x = x + self.drop_path1(self.ls1(y))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, attn
+
+
+class VisionTransformer(nn.Module):
+    """ViT for image classification, built from a :class:`ViTConfig`."""
+
+    num_prefix_tokens = 1  # the cls token
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        check_config(cfg)
+        self.cfg = cfg
+        self.img_size = _pair(cfg.img_size)
+        self.patch_size = cfg.patch_size
+        self.grid_size = (self.img_size[0] // cfg.patch_size, self.img_size[1] // cfg.patch_size)
+        self.num_classes = cfg.num_classes
+        self.global_pool = cfg.global_pool
+        dim = cfg.embed_dim
+        use_fc_norm = cfg.global_pool == "avg" if cfg.fc_norm is None else cfg.fc_norm
+
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, dim)
+        num_patches = self.grid_size[0] * self.grid_size[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
+        self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
+
+        # stochastic depth rises linearly from 0 at the first block to the rate at the last
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
+
+        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.fc_norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """timm's default ViT initialisation."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)  # near zero, not zero: keeps symmetry broken
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one for ``num_classes`` classes."""
+        self.num_classes = self.cfg.num_classes = num_classes
+        dim = self.cfg.embed_dim
+        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def check_input(self, x: torch.Tensor) -> tuple[int, int]:
+        """Validate an image batch and return its patch grid (grid_h, grid_w)."""
+        if x.ndim != 4:
+            raise ValueError(f"expected images [B, C, H, W], got shape {list(x.shape)}")
+        B, C, H, W = x.shape
+        if C != self.cfg.in_chans:
+            raise ValueError(f"model expects {self.cfg.in_chans} input channels, got {C}")
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(
+                f"image size {H}x{W} is not a multiple of the patch size {p}"
+            )
+        return H // p, W // p
+
+    def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The position embedding for a patch grid, resized when it differs from the built one."""
+        return resize_pos_embed(self.pos_embed, grid, self.grid_size, self.num_prefix_tokens)
+
+    def forward_features(
+        self, x: torch.Tensor, return_attention: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Tokens after the final norm, ``[B, N, C]``, and the attention maps if asked."""
+        grid = self.check_input(x)
+        x = self.patch_embed(x)  # B, grid_h * grid_w, C
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed_for(grid)  # B, N, C
+        x = self.pos_drop(x)
+        attentions = []
+        for block in self.blocks:
+            x, attn = block(x, return_attention)
+            if return_attention:
+                attentions.append(attn)
+        return self.norm(x), attentions
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens :].mean(dim=1)
+        else:
+            x = x[:, 0]
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(
+        self, x: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits ``[B, num_classes]``; with ``return_attention`` also a list with one
+        ``[B, heads, N, N]`` float32 attention-probability tensor per block."""
+        x, attentions = self.forward_features(x, return_attention)
+        logits = self.forward_head(x)
+        return (logits, attentions) if return_attention else logits
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint made at another image size: resize its position embedding to ours
+        key = prefix + "pos_embed"
+        if key in state_dict and state_dict[key].shape != self.pos_embed.shape:
+            pos = state_dict[key]
+            old_grid = infer_square_grid(pos.shape[1] - self.num_prefix_tokens)
+            state_dict[key] = resize_pos_embed(pos, self.grid_size, old_grid)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def check_config(cfg: ViTConfig) -> None:
+    """Raise ValueError for an architecture that cannot be built, before any work."""
+    h, w = _pair(cfg.img_size)
+    p = cfg.patch_size
+    if p <= 0:
+        raise ValueError(f"patch_size must be positive, got {p}")
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+    if cfg.embed_dim % cfg.num_heads:
+        raise ValueError(
+            f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}"
+        )
+    if cfg.global_pool not in ("token", "avg"):
+        raise ValueError(f"global_pool must be 'token' or 'avg', got {cfg.global_pool!r}")
+    if cfg.in_chans <= 0:
+        raise ValueError(f"in_chans must be positive, got {cfg.in_chans}")

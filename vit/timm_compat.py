@@ -1,0 +1,130 @@
+"""Interchange with timm: its ``VisionTransformer`` models and weight files load into ours.
+
+Our parameter names are timm's, so conversion is reading the architecture off a timm model
+and copying its state dict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from vit.model import ViTConfig, VisionTransformer
+from vit.presets import preset_config
+from vit.weights import load_weights, read_state_dict
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def _unsupported(model: nn.Module) -> list[str]:
+    """Features of a timm ViT that our model does not have."""
+    from timm.layers import Mlp as TimmMlp
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    problems = []
+    if getattr(model, "num_reg_tokens", 0):
+        problems.append("register tokens")
+    if not getattr(model, "has_class_token", True) or model.cls_token is None:
+        problems.append("no class token")
+    if getattr(model, "no_embed_class", False):
+        problems.append("position embedding without the class token (no_embed_class)")
+    if not isinstance(model.norm_pre, nn.Identity):
+        problems.append("pre-norm before the blocks (norm_pre)")
+    if getattr(model, "attn_pool", None) is not None:
+        problems.append("attention pooling")
+    if model.global_pool not in ("token", "avg"):
+        problems.append(f"global_pool={model.global_pool!r}")
+    if not isinstance(model.patch_embed.norm, nn.Identity):
+        problems.append("a norm in the patch embedding")
+    block = model.blocks[0]
+    if type(block) is not TimmBlock:
+        problems.append(f"block type {type(block).__name__}")
+    elif type(block.mlp) is not TimmMlp or not isinstance(block.mlp.act, nn.GELU):
+        problems.append("an MLP other than Linear-GELU-Linear")
+    elif not isinstance(block.mlp.norm, nn.Identity) or not isinstance(block.attn.norm, nn.Identity):
+        problems.append("norms inside the attention or MLP (scale_norm)")
+    elif block.mlp.act.approximate != "none":
+        problems.append("tanh-approximated GELU")
+    if not isinstance(model.head, nn.Linear | nn.Identity):
+        problems.append(f"head type {type(model.head).__name__}")
+    return problems
+
+
+def config_from_timm(model: nn.Module) -> ViTConfig:
+    """Read a :class:`ViTConfig` off a timm ``VisionTransformer``."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    if not isinstance(model, TimmViT):
+        raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__}")
+    problems = _unsupported(model)
+    if problems:
+        raise ValueError(f"this timm model uses features we do not support: {problems}")
+    patch = model.patch_embed.patch_size
+    if patch[0] != patch[1]:
+        raise ValueError(f"non-square patches {tuple(patch)} are not supported")
+    block = model.blocks[0]
+    final_norm = model.fc_norm if isinstance(model.norm, nn.Identity) else model.norm
+    return ViTConfig(
+        img_size=tuple(model.patch_embed.img_size),
+        patch_size=patch[0],
+        in_chans=model.patch_embed.proj.in_channels,
+        num_classes=model.num_classes,
+        embed_dim=model.embed_dim,
+        depth=len(model.blocks),
+        num_heads=block.attn.num_heads,
+        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
+        qkv_bias=block.attn.qkv.bias is not None,
+        qk_norm=not isinstance(block.attn.q_norm, nn.Identity),
+        # the value only seeds a fresh model; loaded weights replace it
+        init_values=1e-5 if hasattr(block.ls1, "gamma") else None,
+        global_pool=model.global_pool,
+        fc_norm=not isinstance(model.fc_norm, nn.Identity),
+        norm_eps=getattr(final_norm, "eps", 1e-6),
+    )
+
+
+def from_timm(model: nn.Module) -> VisionTransformer:
+    """Our model with the architecture and weights of a timm ``VisionTransformer``."""
+    ours = VisionTransformer(config_from_timm(model))
+    load_weights(ours, model.state_dict())
+    return ours.train(model.training)
+
+
+def load_pretrained(
+    source: str | Path,
+    preset: str | None = None,
+    num_classes: int | None = None,
+    **overrides,
+) -> VisionTransformer:
+    """A model from timm weights: a local weight file with a preset, or a timm model name.
+
+    Args:
+        source: a ``.safetensors``/``.pth``/``.pt``/``.bin`` state dict in timm's layout,
+            or a timm pretrained name such as ``"vit_small_patch16_224.augreg_in21k_ft_in1k"``
+            (downloaded by timm, so it needs a network).
+        preset: our preset describing the file's architecture (needed for files: the head
+            count cannot be read off the weights).
+        num_classes: classes of the new model; when they differ from the weights' the head
+            is re-initialised.
+        overrides: other :class:`ViTConfig` fields, e.g. ``img_size=384``.
+    """
+    path = Path(source)
+    if path.suffix in WEIGHT_SUFFIXES or path.exists():
+        state = read_state_dict(path)
+        if preset is None:
+            raise ValueError(f"{path}: loading a weight file needs a preset name (--model)")
+        if num_classes is None and "head.weight" in state:
+            num_classes = state["head.weight"].shape[0]
+        extra = {"num_classes": num_classes} if num_classes is not None else {}
+        model = VisionTransformer(preset_config(preset, **extra, **overrides))
+        load_weights(model, state)
+        return model
+
+    import timm
+
+    kwargs = dict(overrides)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    timm_model = timm.create_model(str(source), pretrained=True, **kwargs)
+    return from_timm(timm_model.eval())
