@@ -1,6 +1,6 @@
 """Vision Transformers for image classification."""
 
-from vit.model import ViTConfig, VisionTransformer
+from vit.model import VisionTransformer, ViTConfig
 from vit.pos_embed import resize_pos_embed
 from vit.presets import PRESETS, create_model, preset_config
 from vit.timm_compat import config_from_timm, from_timm, load_pretrained

@@ -214,8 +214,9 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
         self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
 
-        # stochastic depth rises linearly from 0 at the first block to the rate at the last
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        # stochastic depth rises linearly from 0 at the first block to the rate at the last;
+        # computed on the CPU so that building under torch.device("meta") works
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
 
         self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(dim, eps=cfg.norm_eps)
@@ -247,18 +248,24 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups by depth, in timm's format (for layer-wise learning-rate decay)."""
+        return {
+            "stem": r"^cls_token|^pos_embed|^patch_embed",
+            "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        }
+
     def check_input(self, x: torch.Tensor) -> tuple[int, int]:
         """Validate an image batch and return its patch grid (grid_h, grid_w)."""
         if x.ndim != 4:
             raise ValueError(f"expected images [B, C, H, W], got shape {list(x.shape)}")
         B, C, H, W = x.shape
-        if C != self.cfg.in_chans:
+        if self.cfg.in_chans != C:
             raise ValueError(f"model expects {self.cfg.in_chans} input channels, got {C}")
         p = self.patch_size
         if H % p or W % p:
-            raise ValueError(
-                f"image size {H}x{W} is not a multiple of the patch size {p}"
-            )
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
         return H // p, W // p
 
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -317,9 +324,7 @@ def check_config(cfg: ViTConfig) -> None:
     if h % p or w % p:
         raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
     if cfg.embed_dim % cfg.num_heads:
-        raise ValueError(
-            f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}"
-        )
+        raise ValueError(f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}")
     if cfg.global_pool not in ("token", "avg"):
         raise ValueError(f"global_pool must be 'token' or 'avg', got {cfg.global_pool!r}")
     if cfg.in_chans <= 0:

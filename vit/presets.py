@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from vit.model import ViTConfig, VisionTransformer
+from vit.model import VisionTransformer, ViTConfig
 
 PRESETS: dict[str, dict] = {
     "vit_tiny_patch16_224": dict(embed_dim=192, depth=12, num_heads=3),
@@ -19,17 +19,33 @@ PRESETS: dict[str, dict] = {
     # CIFAR-sized ViTs in the spirit of Lee et al., "Vision Transformer for Small-Size
     # Datasets" (2021): patch 4 gives an 8x8 grid, narrow MLPs keep the cost down
     "vit_tiny_patch4_32": dict(
-        img_size=32, patch_size=4, num_classes=10, embed_dim=192, depth=9, num_heads=12,
+        img_size=32,
+        patch_size=4,
+        num_classes=10,
+        embed_dim=192,
+        depth=9,
+        num_heads=12,
         mlp_ratio=2.0,
     ),
     "vit_small_patch4_32": dict(
-        img_size=32, patch_size=4, num_classes=10, embed_dim=384, depth=7, num_heads=12,
+        img_size=32,
+        patch_size=4,
+        num_classes=10,
+        embed_dim=384,
+        depth=7,
+        num_heads=12,
         mlp_ratio=1.0,
     ),
     # Fashion-MNIST on a CPU: 7x7 grid of 4x4 patches, one input channel
     "vit_mini_patch4_28": dict(
-        img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6,
-        num_heads=4, mlp_ratio=2.0,
+        img_size=28,
+        patch_size=4,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=96,
+        depth=6,
+        num_heads=4,
+        mlp_ratio=2.0,
     ),
 }
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from vit.model import ViTConfig, VisionTransformer
+from vit.model import VisionTransformer, ViTConfig
 from vit.presets import preset_config
 from vit.weights import load_weights, read_state_dict
 
@@ -35,6 +35,8 @@ def _unsupported(model: nn.Module) -> list[str]:
         problems.append("attention pooling")
     if model.global_pool not in ("token", "avg"):
         problems.append(f"global_pool={model.global_pool!r}")
+    if getattr(model, "pool_include_prefix", False):
+        problems.append("pooling that includes the class token (pool_include_prefix)")
     if not isinstance(model.patch_embed.norm, nn.Identity):
         problems.append("a norm in the patch embedding")
     block = model.blocks[0]
@@ -42,7 +44,9 @@ def _unsupported(model: nn.Module) -> list[str]:
         problems.append(f"block type {type(block).__name__}")
     elif type(block.mlp) is not TimmMlp or not isinstance(block.mlp.act, nn.GELU):
         problems.append("an MLP other than Linear-GELU-Linear")
-    elif not isinstance(block.mlp.norm, nn.Identity) or not isinstance(block.attn.norm, nn.Identity):
+    elif not isinstance(block.mlp.norm, nn.Identity) or not isinstance(
+        block.attn.norm, nn.Identity
+    ):
         problems.append("norms inside the attention or MLP (scale_norm)")
     elif block.mlp.act.approximate != "none":
         problems.append("tanh-approximated GELU")

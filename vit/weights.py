@@ -43,7 +43,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"{path}: refused to load: it holds objects other than tensors, and unpickling "
             f"them could run code. Convert it to safetensors from a trusted source. ({e})"
         ) from e
-    except (RuntimeError, EOFError) as e:
+    except Exception as e:  # a damaged file fails inside the unpickler in many ways
         raise ValueError(f"{path}: not a readable PyTorch weight file ({e})") from e
     for key in WRAPPER_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -64,13 +64,16 @@ def load_weights(model: VisionTransformer, state: dict[str, torch.Tensor]) -> No
     state = dict(state)
     head_w = state.get("head.weight")
     model_head = getattr(model.head, "weight", None)
-    if head_w is not None and (model_head is None or head_w.shape != model_head.shape):
-        state.pop("head.weight")
+    # a missing head (weights saved with num_classes=0) is a head with 0 classes
+    weight_shape = None if head_w is None else head_w.shape
+    model_shape = None if model_head is None else model_head.shape
+    if weight_shape != model_shape:
+        state.pop("head.weight", None)
         state.pop("head.bias", None)
         logger.warning(
             "classifier head not loaded: the weights have %d classes, the model %d; "
             "the head is re-initialised",
-            head_w.shape[0],
+            0 if head_w is None else head_w.shape[0],
             model.num_classes,
         )
         head_keys = {"head.weight", "head.bias"}

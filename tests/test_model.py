@@ -1,0 +1,284 @@
+"""The model: attention maps, gradients, other image sizes, errors, presets, stochastic depth."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vit import PRESETS, VisionTransformer, ViTConfig, create_model, preset_config
+from vit.model import DropPath
+
+# -- attention maps -------------------------------------------------------------------------
+
+
+def _layer_norm(x: np.ndarray, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    mean = x.mean(-1, keepdims=True)
+    var = x.var(-1, keepdims=True)  # biased, as LayerNorm uses
+    return (x - mean) / np.sqrt(var + eps) * _np(weight) + _np(bias)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy()
+
+
+def _reference_attention(block, x: torch.Tensor) -> np.ndarray:
+    """softmax(q k^T / sqrt(head_dim)) of one block, in float64 numpy from its weights."""
+    attn = block.attn
+    B, N, C = x.shape
+    heads, head_dim = attn.num_heads, C // attn.num_heads
+    h = _layer_norm(_np(x), block.norm1.weight, block.norm1.bias, block.norm1.eps)
+    weight = _np(attn.qkv.weight)  # 3C, C: rows are q, then k, then v
+    bias = _np(attn.qkv.bias) if attn.qkv.bias is not None else np.zeros(3 * C)
+    q = h @ weight[:C].T + bias[:C]  # B, N, C
+    k = h @ weight[C : 2 * C].T + bias[C : 2 * C]
+    q = q.reshape(B, N, heads, head_dim).transpose(0, 2, 1, 3)  # B, heads, N, head_dim
+    k = k.reshape(B, N, heads, head_dim).transpose(0, 2, 1, 3)
+    if isinstance(attn.q_norm, nn.LayerNorm):
+        q = _layer_norm(q, attn.q_norm.weight, attn.q_norm.bias, attn.q_norm.eps)
+        k = _layer_norm(k, attn.k_norm.weight, attn.k_norm.bias, attn.k_norm.eps)
+    scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(head_dim)  # B, heads, N, N
+    scores = np.exp(scores - scores.max(-1, keepdims=True))
+    return scores / scores.sum(-1, keepdims=True)
+
+
+def _block_inputs(model: VisionTransformer) -> tuple[list[torch.Tensor], list]:
+    """Record the input of every block with forward pre-hooks."""
+    inputs = []
+    handles = [
+        block.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach()))
+        for block in model.blocks
+    ]
+    return inputs, handles
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, dict(qk_norm=True), dict(qkv_bias=False, global_pool="avg")],
+    ids=["plain", "qk_norm", "no_qkv_bias"],
+)
+@pytest.mark.parametrize("size", [(32, 32), (24, 40)], ids=str)
+def test_attention_maps_are_the_softmax_of_each_layers_scores(tiny_vit, overrides, size):
+    model = tiny_vit(depth=3, **overrides)
+    x = torch.randn(2, 3, *size)
+    inputs, handles = _block_inputs(model)
+    with torch.no_grad():
+        logits, attentions = model(x, return_attention=True)
+    for handle in handles:
+        handle.remove()
+    with torch.no_grad():
+        plain_logits = model(x)
+
+    N = 1 + (size[0] // 8) * (size[1] // 8)
+    assert len(attentions) == len(model.blocks) == len(inputs)
+    for block, block_input, attn in zip(model.blocks, inputs, attentions):
+        assert attn.shape == (2, 4, N, N)
+        assert attn.dtype == torch.float32
+        torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4, N), atol=1e-6, rtol=0)
+        expected = torch.from_numpy(_reference_attention(block, block_input)).float()
+        torch.testing.assert_close(attn, expected, atol=1e-6, rtol=1e-5)
+    # the explicit attention path computes the same logits as the fused kernel
+    torch.testing.assert_close(logits, plain_logits, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_maps_are_in_the_autograd_graph(tiny_vit):
+    model = tiny_vit()
+    _, attentions = model(torch.randn(1, 3, 32, 32), return_attention=True)
+    # the cls token's attention to the patches (attention rows sum to one, so not all of it)
+    attentions[-1][:, :, 0, 1:].square().sum().backward()
+    assert model.blocks[-1].attn.qkv.weight.grad.abs().max() > 0
+    assert model.patch_embed.proj.weight.grad.abs().max() > 0
+
+
+# -- gradients ------------------------------------------------------------------------------
+
+GRAD_CASES = {
+    "token_pool": ({}, False),
+    "avg_qk_norm_layer_scale": (dict(global_pool="avg", qk_norm=True, init_values=1e-5), False),
+    "drop_path_and_dropout": (
+        dict(drop_path_rate=0.5, drop_rate=0.1, attn_drop_rate=0.1, proj_drop_rate=0.1),
+        False,
+    ),
+    "return_attention": (dict(qk_norm=True), True),
+}
+
+
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_gradients_reach_every_parameter(tiny_config, case):
+    overrides, return_attention = GRAD_CASES[case]
+    # the real init (near-zero cls token, tiny LayerScale), not a perturbed one
+    model = VisionTransformer(tiny_config(**overrides)).train()
+    x = torch.randn(8, 3, 32, 32)
+    out = model(x, return_attention=return_attention)
+    logits = out[0] if return_attention else out
+    F.cross_entropy(logits, torch.arange(8) % 5).backward()
+
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+    # a bias added to every key shifts each score row by a constant, which softmax ignores:
+    # its gradient is zero up to rounding, so it is checked for that instead
+    key_biases = [n for n in grads if n.endswith("k_norm.bias")]
+    for name in key_biases:
+        q_grad = grads[name.replace("k_norm", "q_norm")].abs().max()
+        assert grads[name].abs().max() <= 1e-4 * q_grad
+    zero = [n for n, g in grads.items() if n not in key_biases and not g.abs().max() > 0]
+    assert not zero, f"no gradient reaches {zero}"
+
+
+# -- other image sizes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(32, 32), (24, 40), (8, 8), (64, 16), (96, 104)], ids=str)
+def test_model_runs_at_other_sizes(tiny_vit, size):
+    model = tiny_vit()
+    assert model.check_input(torch.zeros(1, 3, *size)) == (size[0] // 8, size[1] // 8)
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, *size))
+    assert logits.shape == (2, 5)
+    assert torch.isfinite(logits).all()
+
+
+def test_running_at_a_size_equals_a_model_built_there(tiny_config, tiny_vit):
+    # resizing at run time and resizing while loading a checkpoint are the same operation
+    model = tiny_vit()
+    built_there = VisionTransformer(tiny_config(img_size=(48, 40))).eval()
+    built_there.load_state_dict(model.state_dict())
+    assert built_there.pos_embed.shape == (1, 1 + 6 * 5, 32)
+    x = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        assert torch.equal(model(x), built_there(x))
+
+
+def test_samples_do_not_affect_each_other(tiny_vit):
+    model = tiny_vit()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        together = model(x)
+        alone = model(x[1:2])
+    torch.testing.assert_close(together[1:2], alone, atol=1e-6, rtol=1e-5)
+
+
+def test_reset_classifier_changes_the_head(tiny_vit):
+    model = tiny_vit()
+    model.reset_classifier(3)
+    assert model.num_classes == model.cfg.num_classes == 3
+    assert torch.equal(model.head.bias, torch.zeros(3))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    model.reset_classifier(0)  # features only
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("img_size, shown", [(30, "30x30"), ((32, 36), "32x36")])
+def test_image_size_not_a_multiple_of_the_patch_is_refused(tiny_config, img_size, shown):
+    with pytest.raises(
+        ValueError, match=f"image size {shown} is not a multiple of the patch size 8"
+    ):
+        VisionTransformer(tiny_config(img_size=img_size))
+
+
+def test_input_not_a_multiple_of_the_patch_is_refused(tiny_vit):
+    with pytest.raises(ValueError, match="image size 33x32 is not a multiple of the patch size 8"):
+        tiny_vit()(torch.randn(1, 3, 33, 32))
+
+
+def test_embed_dim_not_divisible_by_heads_is_refused(tiny_config):
+    with pytest.raises(ValueError, match="embed_dim 30 is not divisible by num_heads 4"):
+        VisionTransformer(tiny_config(embed_dim=30))
+
+
+@pytest.mark.parametrize("model_chans, input_chans", [(3, 1), (1, 3)])
+def test_wrong_channel_count_is_refused(tiny_vit, model_chans, input_chans):
+    model = tiny_vit(in_chans=model_chans)
+    with pytest.raises(
+        ValueError, match=f"expects {model_chans} input channels, got {input_chans}"
+    ):
+        model(torch.randn(1, input_chans, 32, 32))
+
+
+def test_input_that_is_not_a_batch_of_images_is_refused(tiny_vit):
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\], got shape \[3, 32, 32\]"):
+        tiny_vit()(torch.randn(3, 32, 32))
+
+
+def test_unknown_global_pool_is_refused(tiny_config):
+    with pytest.raises(ValueError, match="global_pool must be 'token' or 'avg', got 'max'"):
+        VisionTransformer(tiny_config(global_pool="max"))
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown model preset 'vit_huge'") as err:
+        create_model("vit_huge")
+    assert all(name in str(err.value) for name in PRESETS)
+
+
+def test_unknown_override_is_named():
+    with pytest.raises(ValueError, match=r"\['dpeth'\] for preset 'vit_mini_patch4_28'"):
+        create_model("vit_mini_patch4_28", dpeth=3)
+
+
+# -- presets and config ---------------------------------------------------------------------
+
+SMALL_PRESETS = sorted(name for name in PRESETS if not name.endswith("_224"))
+
+
+@pytest.mark.parametrize("name", SMALL_PRESETS)
+def test_small_presets_classify_their_images(name):
+    model = create_model(name).eval()
+    cfg = model.cfg
+    assert cfg.extra["preset"] == name
+    assert cfg.num_classes == 10
+    x = torch.randn(2, cfg.in_chans, cfg.img_size, cfg.img_size)
+    with torch.no_grad():
+        assert model(x).shape == (2, 10)
+
+
+def test_mini_preset_is_grayscale():
+    cfg = preset_config("vit_mini_patch4_28")
+    assert (cfg.in_chans, cfg.img_size, cfg.patch_size) == (1, 28, 4)
+
+
+def test_preset_overrides_replace_fields():
+    model = create_model("vit_mini_patch4_28", num_classes=3, depth=2)
+    assert model.head.out_features == 3
+    assert len(model.blocks) == 2
+    assert PRESETS["vit_mini_patch4_28"]["depth"] == 6  # the table itself is not changed
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = preset_config("vit_tiny_patch4_32", img_size=(32, 48))
+    d = cfg.to_dict()
+    assert d["img_size"] == [32, 48]
+    rebuilt = VisionTransformer(ViTConfig(**d))
+    original = VisionTransformer(cfg)
+    shapes = {k: v.shape for k, v in original.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes
+
+
+# -- stochastic depth -----------------------------------------------------------------------
+
+
+def test_drop_path_rates_rise_linearly_to_the_last_block(tiny_config):
+    model = VisionTransformer(tiny_config(depth=5, drop_path_rate=0.2))
+    expected = [0.0, 0.05, 0.1, 0.15, 0.2]
+    assert [b.drop_path1.drop_prob for b in model.blocks] == pytest.approx(expected)
+    assert [b.drop_path2.drop_prob for b in model.blocks] == pytest.approx(expected)
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_mean():
+    drop = DropPath(0.25).train()
+    x = torch.ones(4000, 5, 3)
+    out = drop(x)
+    per_sample = out.flatten(1)
+    kept = per_sample[:, 0] > 0
+    # each sample is either dropped entirely or kept and scaled by 1 / keep probability
+    assert torch.equal(per_sample[kept], torch.full_like(per_sample[kept], 1 / 0.75))
+    assert torch.equal(per_sample[~kept], torch.zeros_like(per_sample[~kept]))
+    assert abs(kept.float().mean().item() - 0.75) < 0.03  # ~4.5 standard deviations
+    assert drop.eval()(x) is x
