@@ -123,6 +123,29 @@ class Config:
 
 FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader with YAML 1.2 booleans (true/false only).
+
+    YAML 1.1 also reads yes/no/on/off as booleans, which would turn
+    ``train.mixed_precision=no`` into False.
+    """
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _read_yaml(text: str | typing.TextIO) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
+
+
 CHOICES = {
     "data.dataset": ("fashion_mnist", "cifar10", "cifar100", "imagefolder"),
     "data.bad_files": ("error", "skip"),
@@ -213,7 +236,7 @@ def parse_override(text: str) -> dict:
         raise ConfigError(f"override {text!r} is not of the form key.path=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = _read_yaml(raw) if raw else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: cannot parse value {raw!r} ({e})") from e
     nested: dict = value
@@ -231,7 +254,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file not found: {path}")
         with open(path) as f:
             try:
-                values = yaml.safe_load(f) or {}
+                values = _read_yaml(f) or {}
             except yaml.YAMLError as e:
                 raise ConfigError(f"{path}: not valid YAML ({e})") from e
         if not isinstance(values, dict):
@@ -244,6 +267,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             cfg.log.name = path.stem
     for text in overrides:
         _apply(cfg, parse_override(text))
+    if cfg.log.name is None:
+        cfg.log.name = "run"  # no file to take the name from
     validate(cfg)
     return cfg
 
@@ -258,14 +283,26 @@ def validate(cfg: Config) -> None:
         ("train.grad_accum_steps", cfg.train.grad_accum_steps >= 1, "must be at least 1"),
         ("train.keep_last", cfg.train.keep_last >= 1, "must be at least 1"),
         ("train.checkpoint_every_steps", cfg.train.checkpoint_every_steps >= 0, "must be >= 0"),
+        ("train.eval_every", cfg.train.eval_every >= 1, "must be at least 1"),
+        ("train.ema_decay", 0.0 < cfg.train.ema_decay < 1.0, "must be in (0, 1)"),
+        ("log.log_every", cfg.log.log_every >= 1, "must be at least 1"),
         ("optim.lr", cfg.optim.lr > 0, "must be positive"),
         ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
         ("optim.warmup_epochs", cfg.optim.warmup_epochs >= 0, "must be >= 0"),
         ("aug.eval_crop_pct", 0.0 < cfg.aug.eval_crop_pct <= 1.0, "must be in (0, 1]"),
         ("aug.label_smoothing", 0.0 <= cfg.aug.label_smoothing < 1.0, "must be in [0, 1)"),
         ("aug.randaugment_magnitude", 0 <= cfg.aug.randaugment_magnitude <= 10, "0 to 10"),
+        ("aug.randaugment_ops", cfg.aug.randaugment_ops >= 0, "must be >= 0"),
+        ("aug.pad", cfg.aug.pad >= 0, "must be >= 0"),
+        ("aug.mixup", cfg.aug.mixup >= 0, "must be >= 0"),
+        ("aug.cutmix", cfg.aug.cutmix >= 0, "must be >= 0"),
         ("model.img_size", cfg.model.img_size is None or cfg.model.img_size > 0, "> 0"),
+        ("model.drop_rate", 0.0 <= cfg.model.drop_rate < 1.0, "must be in [0, 1)"),
+        ("model.drop_path_rate", 0.0 <= cfg.model.drop_path_rate < 1.0, "must be in [0, 1)"),
     ]
+    for key in ("hflip", "random_erasing", "mix_prob", "mix_switch_prob"):
+        value = getattr(cfg.aug, key)
+        checks.append((f"aug.{key}", 0.0 <= value <= 1.0, "must be a probability in [0, 1]"))
     if cfg.optim.layer_decay is not None:
         checks.append(("optim.layer_decay", 0 < cfg.optim.layer_decay <= 1, "must be in (0, 1]"))
     if cfg.train.max_steps is not None:
