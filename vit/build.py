@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from vit.config import Config, ModelConfig
+from vit.config import Config, ConfigError, ModelConfig
 from vit.data import DATASET_STATS, Subset, build_source, split_indices
 from vit.loader import AugmentedDataset
 from vit.model import VisionTransformer
@@ -97,6 +97,13 @@ def build_data(cfg: Config, img_size: tuple[int, int], channels: int) -> DataBun
         train_source = source
     else:
         train_idx, val_idx = split_indices(source.labels, d.val_fraction, d.split_seed)
+        if len(val_idx) == 0:
+            # each class rounds its share down to nothing: fail now, not after an epoch
+            raise ConfigError(
+                f"data.val_fraction: {d.val_fraction} of {len(source)} training images "
+                f"in {len(source.class_names)} classes leaves no validation image; raise "
+                "it or set data.val_split"
+            )
         train_source, val_source = Subset(source, train_idx), Subset(source, val_idx)
     mean, std = normalisation(cfg, channels)
     train_tf = train_transform(cfg.aug, img_size, mean, std)

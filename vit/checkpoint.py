@@ -138,9 +138,14 @@ def step_checkpoints(root: str | Path) -> list[Path]:
 
 
 def prune(root: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` step checkpoints."""
+    """Delete all but the newest ``keep`` step checkpoints, and the temporary folders of
+    saves that a crash interrupted (one process writes a run's checkpoints)."""
     for old in step_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    stale = [*Path(root).glob(".tmp-*"), *Path(root).glob(".old-*")]  # see save_checkpoint
+    for folder in stale:
+        if folder.is_dir() and not folder.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def point_last(root: str | Path, target: Path) -> None:

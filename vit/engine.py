@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -13,6 +14,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vit.metrics import ClassificationMeter
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -43,6 +46,18 @@ class StepParts:
     ema: object | None = None  # timm ModelEmaV3
     clip_grad: float | None = None
     grad_accum_steps: int = 1
+    stop_on_nonfinite: bool = True  # else a step with a non-finite loss is skipped
+
+
+def cpu_only() -> bool:
+    """Whether this machine has no accelerator (GPU, MPS, XPU...).
+
+    Accelerate sets up several CPU processes (gloo) under ``torchrun`` only when told
+    ``cpu=True``; without it each process would train alone on the whole data set.
+    """
+    if hasattr(torch, "accelerator"):  # torch >= 2.6
+        return not torch.accelerator.is_available()
+    return not torch.cuda.is_available()
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -92,34 +107,39 @@ def train_one_epoch(
         if not last_micro:
             continue
 
+        # the loss is checked before the update, so a non-finite one never reaches the weights
+        mean_loss = acc.reduce(loss_sum, reduction="mean").item() / accum
+        loss_sum.zero_()
+        lr = current_lr(parts.optimizer)  # the rate of this step
         grad_norm = None
-        if parts.clip_grad is not None and acc.sync_gradients:
-            grad_norm = acc.clip_grad_norm_(model.parameters(), parts.clip_grad)
-        parts.optimizer.step()
-        parts.optimizer.zero_grad(set_to_none=True)
-        if acc.optimizer_step_was_skipped:
+        if math.isfinite(mean_loss):
+            if parts.clip_grad is not None and acc.sync_gradients:
+                grad_norm = acc.clip_grad_norm_(model.parameters(), parts.clip_grad)
+            parts.optimizer.step()
+            if acc.optimizer_step_was_skipped:
+                state.skipped_steps += 1
+        else:
+            where = f"loss is {mean_loss} at step {state.step + 1} (epoch {state.epoch}, "
+            where += f"learning rate {lr:.3g})"
+            if parts.stop_on_nonfinite:
+                raise NonFiniteLossError(f"{where}; stopping. The last checkpoint is intact.")
+            logger.warning(f"{where}; update skipped (train.stop_on_nonfinite=false)")
             state.skipped_steps += 1
+        parts.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         parts.scheduler.step_update(num_updates=state.step)
         if parts.ema is not None:
             parts.ema.update(acc.unwrap_model(model), step=state.step)
 
-        mean_loss = acc.reduce(loss_sum, reduction="mean").item() / accum
-        loss_sum.zero_()
-        if not math.isfinite(mean_loss):
-            raise NonFiniteLossError(
-                f"loss is {mean_loss} at step {state.step} (epoch {state.epoch}, learning rate "
-                f"{current_lr(parts.optimizer):.3g}); stopping"
-            )
         elapsed = time.perf_counter() - t0
         scalars = {
             "train/loss": mean_loss,
-            "train/lr": current_lr(parts.optimizer),
+            "train/lr": lr,
             "train/images_per_sec": seen / max(elapsed, 1e-9),
         }
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)
-        if parts.accelerator.mixed_precision == "fp16":
+        if parts.accelerator.mixed_precision == "fp16" or state.skipped_steps:
             scalars["train/skipped_steps"] = state.skipped_steps
         bar.update(1)
         bar.set_postfix(
@@ -137,9 +157,17 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, loader, accelerator, num_classes: int, desc: str = "eval"
+    model: torch.nn.Module,
+    loader,
+    accelerator,
+    num_classes: int,
+    desc: str = "eval",
+    class_names: list[str] | None = None,
 ) -> dict:
-    """Metrics over a loader holding this process's shard; sums are added across processes."""
+    """Metrics over a loader holding this process's shard; sums are added across processes.
+
+    Per-class accuracies are keyed by ``class_names`` (by default the class indices).
+    """
     model.eval()
     meter = ClassificationMeter(num_classes, device=accelerator.device)
     bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process)
@@ -150,4 +178,4 @@ def evaluate(
         losses = F.cross_entropy(logits.float(), targets, reduction="none")
         meter.update(logits.float(), targets, losses)
     meter.reduce(accelerator)
-    return meter.compute()
+    return meter.compute(class_names)

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 
 from vit.checkpoint import load_model
 from vit.data import build_source
-from vit.engine import evaluate
+from vit.engine import cpu_only, evaluate
 from vit.loader import AugmentedDataset, eval_loader
 from vit.transforms import eval_transform
 
@@ -37,7 +37,9 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path: Pat
     cm = np.asarray(confusion, dtype=float)
     rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)  # each true class sums to one
     k = len(class_names)
-    size = max(5.0, 0.45 * k + 2)
+    # room for k labelled cells up to 30 classes; beyond that a fixed size, or 1000
+    # ImageNet classes would ask for a picture some 50,000 pixels wide
+    size = min(16.0, max(5.0, 0.45 * k + 2))
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     if k <= 30:
@@ -96,7 +98,7 @@ def evaluate_checkpoint(
         tuple(meta["std"]),
         meta.get("crop_pct", 1.0),
     )
-    acc = Accelerator()
+    acc = Accelerator(cpu=cpu_only())
     model = model.to(acc.device)
     loader = eval_loader(
         AugmentedDataset(source, transform),
@@ -105,7 +107,9 @@ def evaluate_checkpoint(
         acc.num_processes,
         num_workers,
     )
-    results = evaluate(model, loader, acc, len(meta["class_names"]))
+    results = evaluate(
+        model, loader, acc, len(meta["class_names"]), class_names=meta["class_names"]
+    )
     results.update(
         checkpoint=str(checkpoint),
         dataset=dataset,

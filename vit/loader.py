@@ -86,6 +86,16 @@ def shard_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, num_samples, world_size))
 
 
+def _own_generator(seed: int) -> torch.Generator:
+    """A generator for the loader's worker base seed.
+
+    Without one, every ``iter(loader)`` draws from the global torch generator, so a run
+    resumed mid-epoch (one more ``iter`` than the uninterrupted run at that point) would
+    shift every later dropout and drop-path mask.
+    """
+    return torch.Generator().manual_seed(seed)
+
+
 def train_loader(
     dataset: AugmentedDataset,
     batch_size: int,
@@ -101,6 +111,7 @@ def train_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        generator=_own_generator(seed),
     )
 
 
@@ -114,4 +125,5 @@ def eval_loader(
         shuffle=False,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
+        generator=_own_generator(0),
     )

@@ -7,6 +7,7 @@ under ``accelerate launch`` / ``torchrun``; only the main process writes files a
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import sys
@@ -26,7 +27,7 @@ from timm.utils import ModelEmaV3
 from vit import checkpoint as ckpt
 from vit.build import DataBundle, build_data, build_model, default_workers, model_config
 from vit.config import Config, ConfigError
-from vit.engine import StepParts, TrainState, evaluate, train_one_epoch
+from vit.engine import StepParts, TrainState, cpu_only, evaluate, train_one_epoch
 from vit.loader import eval_loader, train_loader
 from vit.optim import build_optimizer, build_scheduler
 
@@ -38,10 +39,17 @@ class StopRequest:
 
     def __init__(self):
         self.signal: int | None = None
+        self._previous: dict = {}
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        """Put back the handlers ``install`` replaced, so Ctrl-C works again after a run."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
         if self.signal is not None:  # a second signal: stop now
@@ -49,20 +57,25 @@ class StopRequest:
         self.signal = signum
 
 
+def has_checkpoints(cfg: Config) -> bool:
+    """Whether the run folder ``cfg`` names already holds resumable checkpoints."""
+    return bool(ckpt.step_checkpoints(Path(cfg.log.output_dir) / cfg.log.name / "checkpoints"))
+
+
 def prepare_run_dir(cfg: Config, resume: bool) -> Path:
     """The run folder, checked before any work: writable, and resumable when asked."""
     run_dir = Path(cfg.log.output_dir) / cfg.log.name
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{os.getpid()}"  # one per process under torchrun
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"log.output_dir: cannot write the run folder {run_dir} ({e})") from e
-    has_checkpoints = bool(ckpt.step_checkpoints(run_dir / "checkpoints"))
-    if resume and not has_checkpoints:
+    found = bool(ckpt.step_checkpoints(run_dir / "checkpoints"))
+    if resume and not found:
         raise ConfigError(f"--resume: nothing to resume in {run_dir / 'checkpoints'}")
-    if not resume and has_checkpoints:
+    if not resume and found:
         raise ConfigError(
             f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
             "name with log.name=NEW_NAME"
@@ -113,6 +126,7 @@ class Run:
         self.run_dir = prepare_run_dir(cfg, resume)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.acc = Accelerator(
+            cpu=cpu_only(),
             mixed_precision=cfg.train.mixed_precision,
             log_with="tensorboard" if cfg.log.tensorboard else None,
             project_dir=str(self.run_dir),
@@ -131,9 +145,12 @@ class Run:
 
         workers = default_workers(cfg, self.data.img_size)
         rank, world = self.acc.process_index, self.acc.num_processes
-        self.train_loader = train_loader(
-            self.data.train, cfg.data.batch_size, cfg.train.seed, rank, world, workers
-        )
+        try:
+            self.train_loader = train_loader(
+                self.data.train, cfg.data.batch_size, cfg.train.seed, rank, world, workers
+            )
+        except ValueError as e:  # too few images for one global batch
+            raise ConfigError(f"data.batch_size: {e}") from None
         self.val_loader = eval_loader(self.data.val, cfg.data.eval_batch_size, rank, world, workers)
         accum = cfg.train.grad_accum_steps
         self.steps_per_epoch = len(self.train_loader) // accum
@@ -306,6 +323,7 @@ class Run:
                     f"{prefix}/loss": r["loss"],
                     f"{prefix}/top1": r["top1"],
                     f"{prefix}/top5": r["top5"],
+                    f"{prefix}/samples": r["samples"],  # each one counted once
                 }
             )
         self.log(scalars, self.state.step)
@@ -343,6 +361,7 @@ class Run:
             ema=self.ema,
             clip_grad=cfg.optim.clip_grad,
             grad_accum_steps=cfg.train.grad_accum_steps,
+            stop_on_nonfinite=cfg.train.stop_on_nonfinite,
         )
         max_steps = cfg.train.max_steps
         results = {}
@@ -394,4 +413,8 @@ def flat_hparams(d: dict, prefix: str = "") -> dict:
 
 def fit(cfg: Config, resume: bool = False) -> dict:
     """Train as ``cfg`` says; returns the last validation results."""
-    return Run(cfg, resume).fit()
+    run = Run(cfg, resume)
+    try:
+        return run.fit()
+    finally:
+        run.stop.uninstall()
