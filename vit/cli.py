@@ -31,6 +31,11 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="continue the run named by the config from its latest checkpoint",
     )
     parser.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue the run if its folder holds checkpoints, else start it",
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="key.path=value",
@@ -41,16 +46,22 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def train_main(argv: list[str] | None = None) -> int:
     from vit.config import load_config
-    from vit.trainer import fit
+    from vit.engine import NonFiniteLossError
+    from vit.images import BadImageError
+    from vit.trainer import fit, has_checkpoints
 
     args = train_parser().parse_args(argv)
     _setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
-        fit(cfg, resume=args.resume)
-    except (ConfigError, FileNotFoundError) as e:
+        resume = args.resume or (args.auto_resume and has_checkpoints(cfg))
+        fit(cfg, resume=resume)
+    except (ConfigError, FileNotFoundError, BadImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:  # the run stopped itself; its checkpoints are kept
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -171,15 +182,26 @@ def rollout_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
     )
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the heat map")
     parser.add_argument(
-        "--img-size", type=int, nargs="+", metavar="H [W]", help="run at this input size"
+        "--img-size",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="input size H [W] (default: the checkpoint's)",
     )
     parser.add_argument("--batch-size", type=int, default=16)
-    group = parser.add_argument_group("faithfulness (--evaluate)")
+    group = parser.add_argument_group("images of a data split (--from-split, --evaluate)")
+    group.add_argument(
+        "--from-split",
+        action="store_true",
+        help="pictures of the first --limit images of a data split instead of IMAGE paths",
+    )
     group.add_argument("--evaluate", action="store_true", help="curves on a data split")
     group.add_argument("--dataset", help="default: the checkpoint's")
     group.add_argument("--root", help="data folder (default: the checkpoint's)")
     group.add_argument("--split", help="default: the checkpoint's test split")
-    group.add_argument("--limit", type=int, default=100, help="images drawn at random")
+    group.add_argument(
+        "--limit", type=int, default=100, help="images (drawn at random for --evaluate)"
+    )
     group.add_argument("--steps", type=int, default=50, help="curve steps (at most the patches)")
     group.add_argument("--baseline", choices=("mean", "zero"), default="mean")
     group.add_argument("--seed", type=int, default=0)
@@ -187,8 +209,10 @@ def rollout_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
 
 
 def _rollout_usage_error(args: argparse.Namespace) -> str | None:
-    if args.evaluate == bool(args.images):
-        return "give IMAGE paths or --evaluate (not both)"
+    if sum([args.evaluate, args.from_split, bool(args.images)]) != 1:
+        return "give IMAGE paths, --from-split or --evaluate (one of them)"
+    if args.evaluate and args.target is not None:
+        return "--target is not for --evaluate: each curve follows the image's predicted class"
     if args.target is not None and args.method != "gradient":
         return "--target needs --method gradient: plain rollout is class-agnostic"
     if args.method == "gradient" and args.head_fusion != "mean":
@@ -219,6 +243,8 @@ def rollout_main(argv: list[str] | None = None) -> int:
         if args.evaluate:
             return _rollout_evaluate(args, predictor)
         target = None if args.target is None else class_index(args.target, predictor.class_names)
+        if args.from_split:
+            return _rollout_split_pictures(args, predictor, target)
         paths, unmatched = expand_paths(args.images)
         records = explain_files(
             predictor,
@@ -243,13 +269,13 @@ def rollout_main(argv: list[str] | None = None) -> int:
     return 1 if report_failures(records, unmatched, sys.stderr) else 0
 
 
-def _rollout_evaluate(args: argparse.Namespace, predictor) -> int:
+def _split_source(args: argparse.Namespace, predictor):
+    """The data split named by --dataset/--root/--split, defaulting to the checkpoint's."""
     from pathlib import Path
 
     from vit.checkpoint import read_meta
     from vit.data import build_source
     from vit.evaluation import checkpoint_data_defaults
-    from vit.visualize import evaluate_source, format_summary, write_faithfulness
 
     folder = Path(args.checkpoint)
     saved = checkpoint_data_defaults(folder) if folder.is_dir() else {}
@@ -266,7 +292,41 @@ def _rollout_evaluate(args: argparse.Namespace, predictor) -> int:
         download=bool(saved.get("download", False)),
         channels=predictor.channels,
         bad_files="skip",
+        class_names=predictor.class_names,
     )
+    return source, dataset, split
+
+
+def _rollout_split_pictures(args: argparse.Namespace, predictor, target: int | None) -> int:
+    from vit.loader import AugmentedDataset
+    from vit.visualize import explain_dataset, save_explanations
+
+    source, dataset, split = _split_source(args, predictor)
+    indices = list(range(min(args.limit, len(source))))
+    explanations = explain_dataset(
+        predictor.model,
+        AugmentedDataset(source, predictor.transform),
+        indices,
+        predictor.class_names,
+        method=args.method,
+        head_fusion=args.head_fusion,
+        discard_ratio=args.discard_ratio,
+        target=target,
+        alpha=args.alpha,
+        batch_size=args.batch_size,
+    )
+    stems = [f"{dataset}_{split}_{i:05d}" for i in indices]
+    grid = save_explanations(explanations, stems, args.out)
+    for stem, e in zip(stems, explanations):
+        print(f"{stem}: {e.title} -> {args.out}/{stem}_overlay.png")
+    print(f"grid: {grid}")
+    return 0
+
+
+def _rollout_evaluate(args: argparse.Namespace, predictor) -> int:
+    from vit.visualize import evaluate_source, format_summary, write_faithfulness
+
+    source, dataset, split = _split_source(args, predictor)
     options = dict(
         head_fusion=args.head_fusion,
         discard_ratio=args.discard_ratio,
@@ -302,3 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         return rollout_main(argv[1:])
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -93,7 +93,7 @@ def heat_colours(heat: np.ndarray, cmap: str = "jet") -> np.ndarray:
     """A map in [0, 1] to RGB colours, float32 [..., 3] in [0, 255]."""
     import matplotlib
 
-    rgba = matplotlib.colormaps[cmap](np.clip(heat, 0.0, 1.0))
+    rgba = np.asarray(matplotlib.colormaps[cmap](np.clip(heat, 0.0, 1.0)))
     return (rgba[..., :3] * 255).astype(np.float32)
 
 
@@ -391,7 +391,36 @@ def faithfulness_curves(
         seed: of the random order.
     """
     generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
     model.eval()
+    try:
+        per_method, fractions = _collect_curves(
+            model, batches, generator, head_fusion, discard_ratio, steps, baseline
+        )
+    finally:
+        model.train(was_training)
+    result = {"fractions": fractions.tolist(), "methods": {}}
+    for method, curves in per_method.items():
+        entry = {}
+        for kind in ("deletion", "insertion"):
+            c = torch.cat(curves[kind])  # images, steps + 1
+            entry[f"{kind}_auc"] = area_under_curve(c, fractions).tolist()
+            entry[f"{kind}_curve"] = c.mean(dim=0).tolist()
+        result["methods"][method] = entry
+    result["images"] = len(result["methods"]["random"]["deletion_auc"])
+    return result
+
+
+def _collect_curves(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    generator: torch.Generator,
+    head_fusion: str,
+    discard_ratio: float,
+    steps: int | None,
+    baseline: str,
+) -> tuple[dict[str, dict[str, list[torch.Tensor]]], torch.Tensor]:
+    """Per method, the deletion and insertion curves of each batch; and the fractions."""
     per_method = {m: {"deletion": [], "insertion": []} for m in METHODS}
     fractions = None
     for x in batches:
@@ -412,16 +441,7 @@ def faithfulness_curves(
             per_method[method]["insertion"].append(curves["insertion"].cpu())
     if fractions is None:
         raise ValueError("no images to evaluate")
-    result = {"fractions": fractions.tolist(), "methods": {}}
-    for method, curves in per_method.items():
-        entry = {}
-        for kind in ("deletion", "insertion"):
-            c = torch.cat(curves[kind])  # images, steps + 1
-            entry[f"{kind}_auc"] = area_under_curve(c, fractions).tolist()
-            entry[f"{kind}_curve"] = c.mean(dim=0).tolist()
-        result["methods"][method] = entry
-    result["images"] = len(result["methods"]["random"]["deletion_auc"])
-    return result
+    return per_method, fractions
 
 
 def summarise(result: dict) -> dict:
