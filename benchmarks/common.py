@@ -43,6 +43,9 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (unset: torch's own choice)"
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=BENCH_DIR / "results" / f"{name}.json",
@@ -54,6 +57,14 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
 def command_line(name: str, argv: Sequence[str]) -> str:
     """The shell command that reproduces a run, from the repository root."""
     return shlex.join(["python", f"benchmarks/{name}.py", *argv])
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Apply the common options (threads, device) and seed torch; return the device."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return pick_device(args.device)
 
 
 def pick_device(choice: str) -> torch.device:
@@ -88,8 +99,9 @@ def machine_info(device: torch.device) -> dict:
         usable_cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         usable_cores = os.cpu_count()
+    cpu = cpu_model()
     info = {
-        "cpu": cpu_model(),
+        "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "usable_cores": usable_cores,
         "torch_threads": torch.get_num_threads(),
@@ -98,10 +110,11 @@ def machine_info(device: torch.device) -> dict:
         "timm": timm.__version__,
         "platform": platform.platform(),
         "device": device.type,
-        "device_name": cpu_model(),
+        "device_name": cpu,
     }
     if hasattr(os, "getloadavg"):
-        # other work on the machine slows every figure; the load says how busy it was
+        # other work on the machine slows every figure; the load (this run included) says
+        # how busy it was
         info["load_average_1m"] = round(os.getloadavg()[0], 2)
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
@@ -145,7 +158,8 @@ def alternate(
     the order flips every round so neither always runs right after the other.
 
     Args:
-        warmup: untimed calls of each before the first round (allocator, kernels, compile).
+        warmup: calls of each before the first round (allocator, kernels, compiling); the
+            last one sizes the samples. There is always at least that one.
         min_seconds: each sample repeats the call until it lasts about this long.
     """
     calls = {}
@@ -210,7 +224,9 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop chatter
+    # kineto prints a line at every profiler start and stop, and a spurious GPU error on a
+    # machine without one; its levels end at 5, so 6 silences it (read at the first start)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         fn()
@@ -305,13 +321,17 @@ def train_step(
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> None:
-    """Print ``rows`` as a fixed-width table; ``columns`` are (key, header, format spec)."""
+    """Print ``rows`` as a fixed-width table; ``columns`` are (key, header, format spec).
+
+    Columns with a format spec hold numbers and are right-aligned; the others are text.
+    """
     cells = [[header for _, header, _ in columns]]
     for row in rows:
         cells.append([_cell(row.get(key), spec) for key, _, spec in columns])
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    numeric = [bool(spec) for _, _, spec in columns]
     for k, line in enumerate(cells):
-        print("  ".join(c.rjust(w) if k else c.ljust(w) for c, w in zip(line, widths)))
+        print("  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(line, widths, numeric)))
         if k == 0:
             print("  ".join("-" * w for w in widths))
 

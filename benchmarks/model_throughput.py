@@ -26,18 +26,17 @@ from vit import VisionTransformer, ViTConfig, from_timm, preset_config
 
 NAME = "model_throughput"
 
-# (preset, batch size). On a CPU: the default Fashion-MNIST model and two ImageNet sizes
-CPU_ROWS = [
-    ("vit_mini_patch4_28", 128),
-    ("vit_tiny_patch16_224", 32),
-    ("vit_small_patch16_224", 16),
-]
-CUDA_ROWS = [
-    ("vit_mini_patch4_28", 1024),
-    ("vit_tiny_patch16_224", 256),
-    ("vit_small_patch16_224", 256),
-    ("vit_base_patch16_224", 128),
-]
+# batch size per preset and device. The CPU runs the default Fashion-MNIST model and two
+# ImageNet sizes; a GPU runs ViT-S and ViT-B by default (compiling is slow: keep it short)
+CPU_BATCH = {"vit_mini_patch4_28": 128, "vit_tiny_patch16_224": 32, "vit_small_patch16_224": 16}
+CUDA_BATCH = {
+    "vit_mini_patch4_28": 1024,
+    "vit_tiny_patch16_224": 256,
+    "vit_small_patch16_224": 256,
+    "vit_base_patch16_224": 128,
+}
+CPU_DEFAULT = ["vit_mini_patch4_28", "vit_tiny_patch16_224", "vit_small_patch16_224"]
+CUDA_DEFAULT = ["vit_small_patch16_224", "vit_base_patch16_224"]
 QUICK_IMG_SIZE = 32  # --quick builds the 224 presets at 32x32 (a 2x2 grid)
 
 
@@ -99,7 +98,7 @@ def build_pair(
 def measure_phase(
     fns: dict[str, object],
     batch: int,
-    flops_per_batch: float,
+    flops_per_image: float,
     peak: float,
     device: torch.device,
     settings: dict,
@@ -114,7 +113,7 @@ def measure_phase(
     result["ratio"] = ours / theirs
     result["ratio_by_round"] = common.paired_ratio(times["ours"], times["timm"])
     for who in ("ours", "timm"):
-        flops_per_s = flops_per_batch / common.spread(times[who])["median"]
+        flops_per_s = flops_per_image * result[f"{who}_images_per_s"]["median"]
         result[f"{who}_flops_per_s"] = flops_per_s
         result[f"{who}_fraction_of_peak"] = flops_per_s / peak
     return result
@@ -144,19 +143,21 @@ def measure_row(
     base = {"model": preset, "mode": mode, "batch": batch, "img_size": [H, W]}
     base["gflops_per_image_forward"] = flops / 1e9
 
-    ours.eval(), theirs.eval()
+    ours.eval()
+    theirs.eval()
     infer = {
         "ours": common.inference_fn(ours, images, amp),
         "timm": common.inference_fn(theirs, images, amp),
     }
-    inference = measure_phase(infer, batch, flops * batch, peak, device, settings)
+    inference = measure_phase(infer, batch, flops, peak, device, settings)
 
-    ours.train(), theirs.train()
+    ours.train()
+    theirs.train()
     train = {
         "ours": common.train_step_fn(ours, images, targets, amp),
         "timm": common.train_step_fn(theirs, images, targets, amp),
     }
-    training = measure_phase(train, batch, 3 * flops * batch, peak, device, settings)
+    training = measure_phase(train, batch, 3 * flops, peak, device, settings)
     return [
         {**base, "phase": "inference", **inference},
         {**base, "phase": "train_step", **training},
@@ -174,13 +175,15 @@ def parse_args(argv: Sequence[str]):
 
 def plan(args, device: torch.device) -> tuple[list[tuple[str, int]], int | None, dict, list]:
     """Rows, image size override, timing settings and matmul sizes for this run."""
-    rows = CUDA_ROWS if device.type == "cuda" else CPU_ROWS
-    if args.models:
-        batches = dict(CUDA_ROWS + CPU_ROWS)
-        unknown = [m for m in args.models if m not in batches]
-        if unknown:
-            raise SystemExit(f"--models: no batch size known for {unknown}; known: {list(batches)}")
-        rows = [(m, batches[m]) for m in args.models]
+    cuda = device.type == "cuda"
+    batches = CUDA_BATCH if cuda else CPU_BATCH
+    models = args.models or (CUDA_DEFAULT if cuda else CPU_DEFAULT)
+    unknown = [m for m in models if m not in batches]
+    if unknown:
+        raise SystemExit(
+            f"--models: no {device.type} batch size for {unknown}; known: {list(batches)}"
+        )
+    rows = [(m, batches[m]) for m in models]
     if args.quick:
         rows = [(m, 8 if m == "vit_mini_patch4_28" else 1) for m, _ in rows]
         settings = {"rounds": args.rounds or 2, "warmup": 1, "min_seconds": 0.0}
@@ -194,10 +197,9 @@ def plan(args, device: torch.device) -> tuple[list[tuple[str, int]], int | None,
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    device = common.pick_device(args.device)
+    device = common.setup(args)
     rows_plan, img_size, settings, sizes = plan(args, device)
     modes = ["bf16", "bf16+compile"] if device.type == "cuda" else ["fp32"]
-    torch.manual_seed(0)
 
     peak = common.matmul_peak(
         device, torch.bfloat16 if device.type == "cuda" else torch.float32, sizes
@@ -242,9 +244,9 @@ def print_rows(rows: list[dict]) -> None:
             ("phase", "phase", ""),
             ("batch", "batch", "d"),
             ("ours", "ours img/s", ".1f"),
-            ("ours_range", "(min-max)", ""),
+            ("ours_range", "(min-max)", ">"),
             ("timm", "timm img/s", ".1f"),
-            ("timm_range", "(min-max)", ""),
+            ("timm_range", "(min-max)", ">"),
             ("ratio", "ours/timm", ".3f"),
             ("ours_pct", "ours %peak", ".1f"),
             ("timm_pct", "timm %peak", ".1f"),
