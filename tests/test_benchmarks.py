@@ -242,3 +242,23 @@ def test_sequence_scaling_quick(bench, tmp_path):
 def test_sequence_scaling_rejects_a_token_count_not_a_power_of_two(bench, tmp_path):
     with pytest.raises(SystemExit, match="--min-tokens 48"):
         bench("sequence_scaling").main(["--quick", "--min-tokens", "48", "--out", "x.json"])
+
+
+def test_recipe_quick_trains_and_evaluates(bench, tmp_path):
+    import helpers_train
+
+    data = helpers_train.write_fashion(tmp_path / "fashion")
+    report = run_quick(
+        bench,
+        "recipe",
+        tmp_path,
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        *helpers_train.TINY,
+        f"data.root={data}",
+    )
+    assert report["config"] == "configs/fashion_mnist.yaml"
+    assert report["train_minutes"] > 0 and report["eval_minutes"] > 0
+    assert report["test_split"] == "test" and report["test_samples"] == 21  # write_fashion's
+    assert 0.0 <= report["test_top1"] <= report["test_top5"] <= 100.0  # percentages
+    assert report["best_val_top1"] is not None
