@@ -36,7 +36,8 @@ import torch
 
 from vit.build import build_model, default_workers, model_config, normalisation
 from vit.config import Config, load_config
-from vit.data import FASHION_MNIST_ROOT, FolderSource, Subset, build_source
+from vit.data import FolderSource, Subset, build_source
+from vit.datasets import FASHION_MNIST_ROOT
 from vit.images import is_image_path
 from vit.loader import AugmentedDataset, train_loader
 from vit.transforms import train_transform
@@ -260,7 +261,7 @@ def data_root(name: str, args) -> tuple[str | None, str | None]:
     """The data set's location, or None and the reason it is skipped."""
     if name == "fashion_mnist":
         root = Path(args.fashion_root)
-        # where vit.data.fashion_mnist looks: the folder, and torchvision's layout in it
+        # where vit.datasets.read_fashion_mnist looks: the folder, and torchvision's layout in it
         if any(d.glob("train-images-idx3-ubyte*") for d in (root, root / "FashionMNIST/raw")):
             return args.fashion_root, None
         return None, f"no Fashion-MNIST files in {args.fashion_root} (--fashion-root)"

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from vit import VisionTransformer, ViTConfig, create_model
-from vit.data import FASHION_MNIST_ROOT
+from vit.datasets import FASHION_MNIST_ROOT
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 REPORT_KEYS = {"benchmark", "date", "command", "machine"}

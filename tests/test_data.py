@@ -1,17 +1,23 @@
-"""Tests for vit.data: folder, IDX and CIFAR sources, splits, and the dispatcher."""
+"""Tests for vit.data: folder and array sources, splits, subsets, and the dispatcher."""
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
-import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# helpers_train takes the first three from this module; they live with the format tests
+from test_datasets import (
+    cifar_rows,  # noqa: F401
+    idx_bytes,  # noqa: F401
+    py2_pickle,  # noqa: F401
+    write_cifar10,
+    write_fashion,
+)
 
 from vit import data
 from vit.data import (
@@ -20,18 +26,15 @@ from vit.data import (
     ArraySource,
     FolderSource,
     Subset,
-    UnsafePickleError,
     build_source,
     cifar,
     fashion_mnist,
-    read_idx,
     rgb_to_luminance,
     split_indices,
 )
 from vit.images import BadImageError
 
 SHARED = Path("/work/shared/data")
-FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
 
 def solid(colour: tuple[int, int, int], h: int = 6, w: int = 4) -> np.ndarray:
@@ -147,184 +150,106 @@ def test_bad_files_policy_checked(tmp_path):
 
 def test_folder_without_images_is_an_error(tmp_path):
     (tmp_path / "a").mkdir()
-    with pytest.raises(ValueError, match="no readable image files"):
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "a" / ".DS_Store").write_bytes(b"\x00")
+    with pytest.raises(ValueError, match=r"no readable .*0 bad file\(s\) skipped, 1 file\(s\)"):
         FolderSource(tmp_path)
+    (tmp_path / "a" / "broken.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"no readable .*1 bad file\(s\) skipped, 1 file\(s\)"):
+        FolderSource(tmp_path, bad_files="skip")
     with pytest.raises(FileNotFoundError, match="missing"):
         FolderSource(tmp_path / "missing")
 
 
-# ------------------------------------------------------------------------------- IDX
+def add_hidden_files(root: Path) -> None:
+    """Files that macOS and other tools leave behind in make_folder's tree. Read as images,
+    the AppleDouble ones (``._*``, named like their image) would be bad files."""
+    (root / "cat" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
+    (root / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07" + bytes(64))
+    (root / "cat" / "sub" / "._c.PNG").write_bytes(b"\x00\x05\x16\x07" + bytes(64))
+    (root / ".DS_Store").write_bytes(bytes(8))  # beside the class folders
+    (root / "._cat").write_bytes(b"\x00\x05\x16\x07")
 
 
-def idx_bytes(array: np.ndarray) -> bytes:
-    """The IDX format: 0, 0, dtype code 0x08 (ubyte), ndim, big-endian dims, data."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
-    return header + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+@pytest.mark.parametrize("bad_files", ["error", "skip"])
+def test_hidden_files_are_never_read(tmp_path, monkeypatch, bad_files):
+    root = make_folder(tmp_path / "train")  # also holds .hidden.png, .cache/ and .git/
+    add_hidden_files(root)
+    read, real_load = [], data.load_image
+
+    def recording_load(path, channels):
+        read.append(Path(path).relative_to(root))
+        return real_load(path, channels)
+
+    monkeypatch.setattr(data, "load_image", recording_load)
+    src = FolderSource(root, bad_files=bad_files)
+    assert len(src) == 4 and src.skipped == []  # no hidden file counted, good or bad
+    assert [os.path.relpath(p, root) for p in src.ignored] == ["cat/notes.md", "dog/labels.txt"]
+    assert len(read) == 4
+    assert not [p for p in read if any(part.startswith(".") for part in p.parts)]
 
 
-@pytest.mark.parametrize("gzipped", [False, True])
-def test_read_idx_roundtrip(tmp_path, gzipped):
-    array = np.random.default_rng(0).integers(0, 256, (5, 3, 2), dtype=np.uint8)
-    raw = idx_bytes(array)
-    path = tmp_path / "x-idx3-ubyte"
-    path.write_bytes(gzip.compress(raw) if gzipped else raw)
-    np.testing.assert_array_equal(read_idx(path), array)
+@pytest.mark.parametrize("bad_files", ["error", "skip"])
+def test_files_without_image_extension_are_ignored_not_bad(tmp_path, caplog, bad_files):
+    root = make_folder(tmp_path / "train")
+    (root / "cat" / "notes.txt").write_text("not an image")
+    # a real image under another name is not read either: the extension decides
+    save(root / "dog" / "photo.png", solid((0, 9, 0))).rename(root / "dog" / "photo.dat")
+    with caplog.at_level(logging.INFO, logger="vit.data"):
+        src = FolderSource(root, bad_files=bad_files)
+    ignored = [os.path.relpath(p, root) for p in src.ignored]
+    assert ignored == ["cat/notes.md", "cat/notes.txt", "dog/labels.txt", "dog/photo.dat"]
+    assert len(src) == 4 and src.skipped == []
+    assert "ignored 4 file(s) without an image extension, e.g." in caplog.text
 
 
-def test_read_idx_wider_dtype(tmp_path):
-    values = np.array([[-2, 70000]], dtype=">i4")
-    head = struct.pack(">BBBBII", 0, 0, 0x0C, 2, 1, 2)
-    (tmp_path / "i").write_bytes(head + values.tobytes())
-    np.testing.assert_array_equal(read_idx(tmp_path / "i"), [[-2, 70000]])
+@pytest.mark.parametrize("bad_files", ["error", "skip"])
+def test_empty_class_folders_keep_their_labels(tmp_path, caplog, bad_files):
+    root = tmp_path / "train"
+    save(root / "a" / "x.png", solid((1, 1, 1)))
+    (root / "b_empty").mkdir()
+    (root / "c_junk").mkdir()
+    (root / "c_junk" / ".DS_Store").write_bytes(b"\x00")
+    (root / "c_junk" / "README.txt").write_text("no images here")
+    save(root / "d" / "y.png", solid((2, 2, 2)))
+    with caplog.at_level(logging.WARNING, logger="vit.data"):
+        src = FolderSource(root, bad_files=bad_files)
+    assert src.class_names == ["a", "b_empty", "c_junk", "d"]
+    assert src.labels.tolist() == [0, 3]  # d's label is not shifted by the empty classes
+    assert "2 class folder(s) hold no readable images: b_empty, c_junk" in caplog.text
 
 
-@pytest.mark.parametrize("delta", [-1, 1])
-def test_read_idx_wrong_size(tmp_path, delta):
-    raw = idx_bytes(np.zeros((4, 3), np.uint8))
-    raw = raw[:delta] if delta < 0 else raw + b"\x00"
-    (tmp_path / "bad-idx").write_bytes(raw)
-    with pytest.raises(ValueError, match=r"bad-idx: header says shape \(4, 3\) \(12 bytes"):
-        read_idx(tmp_path / "bad-idx")
+def test_class_emptied_by_skipped_files_keeps_its_label(tmp_path, caplog):
+    root = tmp_path / "train"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "broken.png").write_bytes(b"")
+    save(root / "b" / "y.png", solid((2, 2, 2)))
+    with caplog.at_level(logging.WARNING, logger="vit.data"):
+        src = FolderSource(root, bad_files="skip")
+    assert src.class_names == ["a", "b"] and src.labels.tolist() == [1]
+    assert [os.path.basename(p) for p, _ in src.skipped] == ["broken.png"]
+    assert "skipped 1 bad image file(s)" in caplog.text
+    assert "1 class folder(s) hold no readable images: a" in caplog.text
 
 
-def test_read_idx_bad_magic(tmp_path):
-    (tmp_path / "m").write_bytes(b"\x01\x02\x08\x01\x00\x00\x00\x01\x00")
-    with pytest.raises(ValueError, match="m: not an IDX file"):
-        read_idx(tmp_path / "m")
-
-
-def write_fashion(root: Path, prefix: str, n: int, gz: bool) -> np.ndarray:
-    images = np.random.default_rng(1).integers(0, 256, (n, 28, 28), dtype=np.uint8)
-    labels = np.arange(n, dtype=np.uint8) % 10
-    for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
-        raw = idx_bytes(array)
-        name = f"{prefix}-{kind}-ubyte" + (".gz" if gz else "")
-        (root / name).write_bytes(gzip.compress(raw) if gz else raw)
-    return images
-
-
-def test_fashion_mnist_from_files(tmp_path):
-    images = write_fashion(tmp_path, "t10k", 12, gz=True)
-    src = fashion_mnist(tmp_path, "test")
-    assert len(src) == 12 and src.class_names == list(FASHION_MNIST_CLASSES)
-    image, label = src.get(11)
-    assert image.shape == (28, 28, 1) and label == 1
-    np.testing.assert_array_equal(image[:, :, 0], images[11])
-    assert src.describe(3) == "fashion_mnist/test[3]"
-
-
-def test_fashion_mnist_missing_says_how_to_get_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as e:
-        fashion_mnist(tmp_path, "train")
-    assert str(tmp_path) in str(e.value) and "data.download=true" in str(e.value)
-
-
-# ----------------------------------------------------------------------------- CIFAR
-
-
-def _py2_str(b: bytes) -> bytes:
-    """A Python 2 ``str`` pickle opcode, which CIFAR's files use for keys and pixel data."""
-    return b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + struct.pack("<I", len(b))
-
-
-def py2_pickle(obj: dict) -> bytes:
-    """Pickle like CIFAR's own files (Python 2 cPickle, protocol 2): a dict of str keys,
-    numpy arrays rebuilt by numpy.core.multiarray._reconstruct, and lists of ints/strs."""
-
-    def dump(x) -> bytes:
-        if isinstance(x, bytes):
-            return _py2_str(x) + x
-        if isinstance(x, int):
-            return b"J" + struct.pack("<i", x)
-        if isinstance(x, list):
-            return b"(" + b"".join(dump(v) for v in x) + b"l"
-        if isinstance(x, np.ndarray):
-            assert x.dtype == np.uint8
-            dtype = b"cnumpy\ndtype\n" + dump(b"u1") + b"K\x00K\x01\x87R"
-            dtype += b"(K\x03" + dump(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
-            shape = b"(" + b"".join(dump(d) for d in x.shape) + b"t"
-            head = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85"
-            head += dump(b"b") + b"\x87R"
-            return head + b"(K\x01" + shape + dtype + b"\x89" + dump(x.tobytes()) + b"tb"
-        raise TypeError(type(x))
-
-    items = b"".join(dump(k) + dump(v) for k, v in obj.items())
-    return b"\x80\x02}(" + items + b"u."
-
-
-def cifar_rows(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, 3072), dtype=np.uint8)
-
-
-def write_cifar10(root: Path) -> Path:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer"] + [b"c%d" % k for k in range(5)]
-    (folder / "batches.meta").write_bytes(py2_pickle({b"label_names": names}))
-    for k in range(1, 6):
-        batch = {b"batch_label": b"training batch", b"labels": [k, k + 1, 0]}
-        batch[b"data"] = cifar_rows(3, k)
-        (folder / f"data_batch_{k}").write_bytes(py2_pickle(batch))
-    test = {b"labels": [9, 8], b"data": cifar_rows(2, 99)}
-    (folder / "test_batch").write_bytes(py2_pickle(test))
-    return folder
-
-
-def test_cifar10_py2_batches(tmp_path):
-    write_cifar10(tmp_path)
-    src = cifar(tmp_path, "cifar10", "train")
-    assert len(src) == 15 and src.class_names[:2] == ["airplane", "automobile"]
-    assert src.labels.tolist()[:6] == [1, 2, 0, 2, 3, 0]
-    # rows are an R plane, a G plane, a B plane, each 32x32 row-major
-    rows = cifar_rows(3, 2)  # what data_batch_2 holds
-    image, _ = src.get(4)  # batch 2, row 1
-    assert image.shape == (32, 32, 3)
-    assert image[0, 0, 0] == rows[1, 0]
-    assert image[1, 2, 1] == rows[1, 1024 + 32 * 1 + 2]
-    assert image[31, 30, 2] == rows[1, 2048 + 32 * 31 + 30]
-    test = cifar(tmp_path, "cifar10", "test")
-    assert test.labels.tolist() == [9, 8] and test.describe(1) == "cifar10/test[1]"
-
-
-def test_cifar100_modern_pickle(tmp_path):
-    # re-saved with Python 3's default protocol: arrays come back through _frombuffer
-    folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    meta = {b"fine_label_names": [b"apple", b"bear"], b"coarse_label_names": [b"x"]}
-    (folder / "meta").write_bytes(pickle.dumps(meta))
-    train = {b"data": cifar_rows(4, 0), b"fine_labels": [1, 0, 1, 1], b"coarse_labels": [0] * 4}
-    (folder / "train").write_bytes(pickle.dumps(train))
-    src = cifar(tmp_path, "cifar100", "train")
-    assert src.class_names == ["apple", "bear"] and src.labels.tolist() == [1, 0, 1, 1]
-    assert src.get(3)[0][31, 31, 2] == train[b"data"][3, 3071]
-
-
-class Malicious:
-    """Unpickling this creates a marker file: a stand-in for running any code."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def test_malicious_batch_refused(tmp_path):
-    folder = write_cifar10(tmp_path)
-    marker = tmp_path / "pwned"
-    evil = {b"data": Malicious(marker), b"labels": [0]}
-    (folder / "data_batch_3").write_bytes(pickle.dumps(evil))
-    with pytest.raises(UnsafePickleError, match=r"data_batch_3: refused .*open"):
-        cifar(tmp_path, "cifar10", "train")
-    assert not marker.exists()
-    # the payload is live: a plain unpickler does create the file
-    pickle.loads(pickle.dumps(Malicious(tmp_path / "control"))).close()
-    assert (tmp_path / "control").exists()
-
-
-def test_cifar_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
-        cifar(tmp_path, "cifar10")
+def test_nested_subfolders_belong_to_their_top_class(tmp_path):
+    root = make_folder(tmp_path / "train")
+    save(root / "cat" / "sub" / "deep" / "d.png", solid((25, 0, 0)))
+    save(root / "cat" / "z.png", solid((10, 0, 0)))
+    save(root / "dog" / "cat" / "w.png", solid((0, 0, 9)))  # a subfolder named like a class
+    src = FolderSource(root)
+    assert src.class_names == ["cat", "dog", "empty_cls"]
+    names = [os.path.relpath(src.describe(i), root) for i in range(len(src))]
+    assert names == [
+        "cat/a.png",
+        "cat/b.png",
+        "cat/sub/c.PNG",
+        "cat/sub/deep/d.png",
+        "cat/z.png",
+        "dog/cat/w.png",
+        "dog/x.jpg",
+    ]
+    assert src.labels.tolist() == [0, 0, 0, 0, 0, 1, 1]
 
 
 # ------------------------------------------------------------------- splits and subsets
@@ -400,6 +325,19 @@ def test_build_source_arrays_channels_and_class_check(tmp_path):
     np.testing.assert_array_equal(fm.images[..., 0], fm.images[..., 2])
 
 
+def test_published_sets_as_sources(tmp_path):
+    write_fashion(tmp_path, "t10k", 12, gz=True)
+    fm = fashion_mnist(tmp_path, "test")
+    assert len(fm) == 12 and fm.class_names == list(FASHION_MNIST_CLASSES)
+    image, label = fm.get(11)
+    assert image.shape == (28, 28, 1) and label == 1
+    assert fm.describe(3) == "fashion_mnist/test[3]"
+    write_cifar10(tmp_path)
+    c10 = cifar(tmp_path, "cifar10", "test")
+    assert c10.class_names[:2] == ["airplane", "automobile"] and c10.labels.tolist() == [9, 8]
+    assert c10.get(1)[0].shape == (32, 32, 3) and c10.describe(1) == "cifar10/test[1]"
+
+
 def test_dataset_stats_shapes():
     for name, (mean, std) in DATASET_STATS.items():
         assert len(mean) == len(std) in (1, 3), name
@@ -407,20 +345,6 @@ def test_dataset_stats_shapes():
 
 
 # --------------------------------------------------------------------------- real data
-
-
-@pytest.mark.skipif(
-    not (FASHION_ROOT / "t10k-labels-idx1-ubyte.gz").exists(),
-    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
-)
-def test_real_fashion_mnist():
-    train, test = fashion_mnist(split="train"), fashion_mnist(split="test")
-    assert train.images.shape == (60000, 28, 28, 1) and test.images.shape == (10000, 28, 28, 1)
-    assert np.bincount(train.labels).tolist() == [6000] * 10
-    assert np.bincount(test.labels).tolist() == [1000] * 10
-    pixels = train.images.astype(np.float32) / 255
-    mean, std = DATASET_STATS["fashion_mnist"]
-    assert abs(pixels.mean() - mean[0]) < 5e-4 and abs(pixels.std() - std[0]) < 5e-4
 
 
 def link_sample(src_root: Path, dst_root: Path, classes: list[str], per_class: int) -> None:
