@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from test_data import cifar_rows, idx_bytes, py2_pickle
+from test_datasets import cifar_rows, idx_bytes, py2_pickle
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = str(REPO / "configs" / "fashion_mnist.yaml")

@@ -9,15 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-# helpers_train takes the first three from this module; they live with the format tests
-from test_datasets import (
-    cifar_rows,  # noqa: F401
-    idx_bytes,  # noqa: F401
-    py2_pickle,  # noqa: F401
-    write_cifar10,
-    write_fashion,
-)
+from test_datasets import write_cifar10, write_fashion
 
 from vit import data
 from vit.data import (
