@@ -176,6 +176,7 @@ def test_yaml_is_parsed_safely(tmp_path):
         ("train.eval_every=0", "train.eval_every"),
         ("train.ema_decay=1.5", "train.ema_decay"),
         ("log.log_every=0", "log.log_every"),
+        ("log.rollout_images=-1", "log.rollout_images"),
         ("optim.lr=0", "optim.lr"),
         ("optim.lr=-1e-3", "optim.lr"),
         ("optim.weight_decay=-0.1", "optim.weight_decay"),

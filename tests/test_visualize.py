@@ -23,6 +23,7 @@ from predict_fixtures import (
 
 from vit.cli import main
 from vit.data import ArraySource
+from vit.faithfulness_report import summarise
 from vit.loader import AugmentedDataset
 from vit.predict import Predictor
 from vit.rollout import rollout_maps
@@ -34,7 +35,6 @@ from vit.visualize import (
     overlay,
     rollout_overlays,
     save_overlay_png,
-    summarise,
 )
 
 

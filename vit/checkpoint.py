@@ -6,6 +6,7 @@ A checkpoint folder holds
   ``config.yaml``        the run's resolved config (when written by training);
   ``training_state.pt``  optimiser, scheduler, scaler, EMA and RNG states (step checkpoints),
                          plain tensors and numbers only, read back with ``weights_only=True``.
+  ``rollout/``           rollout overlays of the first validation images (``best`` only).
 Each folder is written under a temporary name and renamed into place, so a crash while saving
 never leaves a half-written folder under a real name.
 """
@@ -17,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,10 +50,15 @@ def save_checkpoint(
     meta: dict,
     config_yaml: str | None = None,
     training_state: dict | None = None,
+    extra: Callable[[Path], object] | None = None,
 ) -> Path:
     """Write a checkpoint folder atomically: to a temporary folder, then renamed to ``path``.
 
     An existing folder at ``path`` is replaced only once the new one is complete.
+
+    Args:
+        extra: called with the temporary folder to add more files (say, pictures) that
+            should appear and be replaced together with the weights.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,9 +73,12 @@ def save_checkpoint(
         (tmp / "config.yaml").write_text(config_yaml)
     if training_state is not None:
         torch.save(training_state, tmp / STATE)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    if extra is not None:
+        extra(tmp)
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if path.exists():
         old = path.parent / f".old-{path.name}-{os.getpid()}"
         path.rename(old)

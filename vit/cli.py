@@ -324,7 +324,7 @@ def _rollout_split_pictures(args: argparse.Namespace, predictor, target: int | N
 
 
 def _rollout_evaluate(args: argparse.Namespace, predictor) -> int:
-    from vit.visualize import evaluate_source, format_summary, write_faithfulness
+    from vit.faithfulness_report import evaluate_source, format_summary, write_faithfulness
 
     source, dataset, split = _split_source(args, predictor)
     options = dict(

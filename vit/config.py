@@ -105,7 +105,7 @@ class LogConfig:
     name: str | None = None  # None: the config file's stem
     log_every: int = 50  # optimiser steps between scalar logs
     tensorboard: bool = True
-    rollout_images: int = 8  # validation images whose rollout is logged at each evaluation
+    rollout_images: int = 8  # first validation images pictured at each evaluation; 0: none
 
 
 @dataclass
@@ -286,6 +286,7 @@ def validate(cfg: Config) -> None:
         ("train.eval_every", cfg.train.eval_every >= 1, "must be at least 1"),
         ("train.ema_decay", 0.0 < cfg.train.ema_decay < 1.0, "must be in (0, 1)"),
         ("log.log_every", cfg.log.log_every >= 1, "must be at least 1"),
+        ("log.rollout_images", cfg.log.rollout_images >= 0, "must be >= 0"),
         ("optim.lr", cfg.optim.lr > 0, "must be positive"),
         ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
         ("optim.warmup_epochs", cfg.optim.warmup_epochs >= 0, "must be >= 0"),

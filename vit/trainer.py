@@ -30,6 +30,7 @@ from vit.config import Config, ConfigError
 from vit.engine import StepParts, TrainState, cpu_only, evaluate, train_one_epoch
 from vit.loader import eval_loader, train_loader
 from vit.optim import build_optimizer, build_scheduler
+from vit.visualize import Explanation, explain_dataset, save_explanations
 
 logger = get_logger(__name__)
 
@@ -309,7 +310,11 @@ class Run:
         return bool(self.acc.reduce(flag, reduction="max").item())
 
     def evaluate_and_save_best(self) -> dict:
-        """Validate the model (and its EMA); keep the best weights in ``checkpoints/best``."""
+        """Validate the model (and its EMA); keep the best weights in ``checkpoints/best``.
+
+        The winner's rollout of the first validation images goes to TensorBoard each time,
+        and into ``checkpoints/best/rollout`` with the weights it explains.
+        """
         results = {"model": evaluate(self.model, self.val_loader, self.acc, self.num_classes)}
         if self.ema is not None:
             results["ema"] = evaluate(
@@ -328,21 +333,44 @@ class Run:
             )
         self.log(scalars, self.state.step)
         which, best = max(results.items(), key=lambda kv: kv[1]["top1"])
+        pictures = self.rollout_pictures(which)
+        self._log_pictures(pictures)
         if best["top1"] > self.state.best_top1:
             self.state.best_top1 = best["top1"]
             if self.acc.is_main_process:
-                module = self._unwrapped() if which == "model" else self.ema.module
                 ckpt.save_checkpoint(
                     self.ckpt_dir / "best",
-                    module.state_dict(),
+                    self._weights(which).state_dict(),
                     self.meta(weights=which, val_top1=best["top1"], val_top5=best["top5"]),
                     self._config_yaml(),
+                    extra=lambda folder: _save_pictures(pictures, folder / "rollout"),
                 )
         summary = " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
         logger.info(
             f"epoch {self.state.epoch} step {self.state.step}: {summary}", main_process_only=True
         )
         return results
+
+    def _weights(self, which: str) -> torch.nn.Module:
+        return self._unwrapped() if which == "model" else self.ema.module
+
+    def rollout_pictures(self, which: str) -> list[Explanation]:
+        """Rollout of the first ``log.rollout_images`` validation images under the ``which``
+        weights ("model" or "ema"); on the main process only, elsewhere none."""
+        n = min(self.cfg.log.rollout_images, len(self.data.val))
+        if n == 0 or not self.acc.is_main_process:
+            return []
+        # the plain module: no DDP hooks, no compiled graph; explain() gives back its mode
+        model = self._weights(which)
+        return explain_dataset(model, self.data.val, range(n), self.data.class_names)
+
+    def _log_pictures(self, pictures: list[Explanation]) -> None:
+        if not pictures or not self.cfg.log.tensorboard:
+            return
+        writer = self.acc.get_tracker("tensorboard", unwrap=True)  # a SummaryWriter
+        for i, e in enumerate(pictures):
+            # one image per tag: the overlays keep each image's own size, so no common batch
+            writer.add_image(f"rollout/val_{i:03d}", e.overlay, self.state.step, dataformats="HWC")
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -395,6 +423,12 @@ class Run:
         self.acc.wait_for_everyone()
         self.acc.end_training()
         return results
+
+
+def _save_pictures(pictures: list[Explanation], folder: Path) -> None:
+    """Titled overlay PNGs, ``.npy`` maps and ``grid.png``, as ``vit rollout`` writes them."""
+    if pictures:
+        save_explanations(pictures, [f"val_{i:03d}" for i in range(len(pictures))], folder)
 
 
 def flat_hparams(d: dict, prefix: str = "") -> dict:
