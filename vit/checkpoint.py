@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -181,3 +183,35 @@ def latest_resumable(root: str | Path) -> tuple[Path, dict] | None:
         except Exception as e:  # any failure to read means "not usable"; say which and why
             logger.warning("checkpoint %s is unusable (%s); trying the one before it", path, e)
     return None
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch generator states as plain tensors and numbers, so that they
+    round-trip through ``torch.load(weights_only=True)``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached": cached,
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved (after a save and load or not)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))  # a loaded state may hold lists
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

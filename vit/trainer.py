@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
@@ -82,41 +80,6 @@ def prepare_run_dir(cfg: Config, resume: bool) -> Path:
             "name with log.name=NEW_NAME"
         )
     return run_dir
-
-
-def rng_state() -> dict:
-    """Python, NumPy and torch generator states as plain tensors and numbers."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": pos,
-            "has_gauss": has_gauss,
-            "cached": cached,
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _python_rng_from_lists(value):
-    """torch.load gives tuples back as tuples; random.setstate needs the inner one a tuple."""
-    version, internal, gauss = value
-    return version, tuple(internal), gauss
 
 
 class Run:
@@ -227,7 +190,7 @@ class Run:
             "scheduler": self.scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
-            "rng": rng_state(),
+            "rng": ckpt.rng_state(),
             "train_state": asdict(self.state),
         }
         path = ckpt.save_checkpoint(
@@ -253,9 +216,7 @@ class Run:
             self.acc.scaler.load_state_dict(ts["scaler"])
         if ts["ema"] is not None and self.ema is not None:
             self.ema.module.load_state_dict(ts["ema"])
-        rng = dict(ts["rng"])
-        rng["python"] = _python_rng_from_lists(rng["python"])
-        set_rng_state(rng)
+        ckpt.set_rng_state(ts["rng"])
         self.state = TrainState(**ts["train_state"])
         logger.info(
             f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}",
