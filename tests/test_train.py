@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,10 @@ from helpers_train import (
     add_bad_files,
     overrides,
     read_metrics,
+    subprocess_env,
     torchrun,
     train,
+    train_command,
     write_cifar10,
     write_cifar100,
     write_fashion,
@@ -137,6 +140,45 @@ def test_options_run_together(tmp_path):
     assert ema.keys() == weights.keys()
     assert not all(torch.equal(ema[k], weights[k]) for k in ema)  # the EMA lags the model
     assert list(run.glob("**/events.out.tfevents.*")), "no TensorBoard event file"
+
+
+def losses_of(run_dir: Path) -> list[float]:
+    return [m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m]
+
+
+def test_bf16_autocast_keeps_float32_weights(tmp_path):
+    """bf16 runs the matmuls in bf16 (the loss moves off the float32 run's) while the
+    weights and the optimiser stay float32, and the checkpoint loads as float32."""
+    data, _, _ = make_fashion(tmp_path)
+    common = [*data, "train.max_steps=3", "data.batch_size=8", "log.log_every=1"]
+    assert train(tmp_path / "runs", "fp32", *common) == 0
+    # its own process: Accelerate keeps one precision per process
+    bf16_run = train_command(tmp_path / "runs", "bf16", *common, "train.mixed_precision=bf16")
+    subprocess.run(bf16_run, env=subprocess_env(), check=True, capture_output=True, timeout=120)
+    fp32, bf16 = losses_of(tmp_path / "runs" / "fp32"), losses_of(tmp_path / "runs" / "bf16")
+    assert len(bf16) == 3 and all(np.isfinite(bf16))
+    assert fp32 != bf16  # autocast really ran: bf16 rounding changes the losses...
+    np.testing.assert_allclose(bf16, fp32, rtol=0.05)  # ...but not the training
+    weights = load_file(tmp_path / "runs" / "bf16" / "checkpoints" / "last" / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+
+
+def test_compiled_model_trains_like_eager(tmp_path):
+    """train.compile=true: the same losses as eager to float rounding, and a checkpoint
+    whose keys are the plain model's (no ``_orig_mod.`` prefix)."""
+    data, _, _ = make_fashion(tmp_path)
+    common = [*data, "train.max_steps=2", "data.batch_size=8", "log.log_every=1"]
+    common += ["log.rollout_images=2"]
+    assert train(tmp_path / "runs", "eager", *common) == 0
+    assert train(tmp_path / "runs", "compiled", *common, "train.compile=true") == 0
+    eager = losses_of(tmp_path / "runs" / "eager")
+    compiled = losses_of(tmp_path / "runs" / "compiled")
+    np.testing.assert_allclose(compiled, eager, rtol=1e-4)
+    best = tmp_path / "runs" / "compiled" / "checkpoints" / "best"
+    eager_best = tmp_path / "runs" / "eager" / "checkpoints" / "best"
+    keys = load_file(best / "model.safetensors").keys()
+    assert keys == load_file(eager_best / "model.safetensors").keys()
+    assert_checkpoint(best, list(FASHION_MNIST_CLASSES), in_chans=1)
 
 
 def test_grad_accumulation_equals_the_larger_batch(tmp_path):
