@@ -239,9 +239,12 @@ def test_small_presets_classify_their_images(name):
         assert model(x).shape == (2, 10)
 
 
-def test_mini_preset_is_grayscale():
-    cfg = preset_config("vit_mini_patch4_28")
-    assert (cfg.in_chans, cfg.img_size, cfg.patch_size) == (1, 28, 4)
+@pytest.mark.parametrize("name, patch", [("vit_mini_patch7_28", 7), ("vit_mini_patch4_28", 4)])
+def test_mini_presets_are_grayscale(name, patch):
+    cfg = preset_config(name)
+    assert (cfg.in_chans, cfg.img_size, cfg.patch_size) == (1, 28, patch)
+    model = VisionTransformer(cfg)
+    assert model.pos_embed.shape[1] == 1 + (28 // patch) ** 2
 
 
 def test_preset_overrides_replace_fields():

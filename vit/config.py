@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_mini_patch4_28"  # a preset of vit.presets
+    name: str = "vit_mini_patch7_28"  # a preset of vit.presets
     pretrained: str | None = None  # a timm pretrained name or a timm weight file
     img_size: int | None = None  # None: the preset's size
     drop_rate: float = 0.0
