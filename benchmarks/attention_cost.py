@@ -33,17 +33,18 @@ NAME = "attention_cost"
 
 # (preset, batch size)
 CPU_ROWS = [
+    ("vit_mini_patch7_28", 128),
     ("vit_mini_patch4_28", 128),
     ("vit_tiny_patch16_224", 16),
     ("vit_small_patch16_224", 8),
 ]
 CUDA_ROWS = [
-    ("vit_mini_patch4_28", 1024),
+    ("vit_mini_patch7_28", 1024),
     ("vit_tiny_patch16_224", 256),
     ("vit_small_patch16_224", 128),
     ("vit_base_patch16_224", 64),
 ]
-QUICK_ROWS = [("vit_mini_patch4_28", 8), ("vit_tiny_patch16_224", 2)]
+QUICK_ROWS = [("vit_mini_patch7_28", 8), ("vit_tiny_patch16_224", 2)]
 QUICK_IMG_SIZE = 64  # --quick builds the 224 presets at 64x64 (a 4x4 grid)
 CALLS = ("plain", "attention", "rollout")
 
@@ -118,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         settings = {"rounds": args.rounds or 5, "warmup": 2, "min_seconds": 0.3}
     rows = []
     for preset, batch in rows_plan:
-        size = None if preset == "vit_mini_patch4_28" else img_size
+        size = common.build_size(preset, img_size)
         rows.append(measure_row(preset, batch, size, device, settings))
     print_rows(rows)
     results = {"settings": settings, "target_time_ratio": 1.5, "rows": rows}

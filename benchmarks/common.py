@@ -25,6 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vit.model import ViTConfig
+from vit.presets import PRESETS
+
 BENCH_DIR = Path(__file__).resolve().parent
 
 
@@ -266,6 +269,16 @@ def _matmul_seconds(n: int, device: torch.device, dtype: torch.dtype, rounds: in
 
 
 # ------------------------------------------------------------------------ model steps
+
+
+def build_size(preset: str, quick_size: int | None) -> int | None:
+    """The image size to build ``preset`` at: its own (None), or ``quick_size`` under --quick
+    for the presets whose own size is larger (the 224 ones; the small-image presets keep
+    theirs, which their patch size divides)."""
+    own = PRESETS[preset].get("img_size", ViTConfig.img_size)
+    if quick_size is None or own <= quick_size:
+        return None
+    return quick_size
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):

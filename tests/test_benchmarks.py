@@ -54,6 +54,15 @@ def positive_spread(s: dict) -> bool:
 # --------------------------------------------------------------------------- helpers
 
 
+def test_build_size_shrinks_only_the_large_presets(bench):
+    common = bench("common")
+    assert common.build_size("vit_tiny_patch16_224", None) is None  # full runs: own size
+    assert common.build_size("vit_tiny_patch16_224", 32) == 32
+    # 32 is not a multiple of 7: the small presets must keep their own size
+    assert common.build_size("vit_mini_patch7_28", 32) is None
+    assert common.build_size("vit_tiny_patch4_32", 32) is None
+
+
 def test_spread_and_paired_ratio(bench):
     common = bench("common")
     assert common.spread([5, 1, 4, 2, 3]) == {"median": 3, "q1": 2, "q3": 4, "min": 1, "max": 5}
@@ -132,7 +141,8 @@ def test_model_throughput_quick(bench, tmp_path):
     report = run_quick(bench, "model_throughput", tmp_path)
     assert report["matmul_peak"]["best_flops_per_s"] > 0
     rows = report["rows"]
-    presets = ["vit_mini_patch4_28", "vit_tiny_patch16_224", "vit_small_patch16_224"]
+    presets = ["vit_mini_patch7_28", "vit_mini_patch4_28", "vit_tiny_patch16_224"]
+    presets += ["vit_small_patch16_224"]
     assert [(r["model"], r["phase"]) for r in rows] == [
         (p, phase) for p in presets for phase in ("inference", "train_step")
     ]
@@ -200,7 +210,7 @@ def test_data_pipeline_skips_folders_not_given(bench, tmp_path):
 def test_attention_cost_quick(bench, tmp_path):
     report = run_quick(bench, "attention_cost", tmp_path)
     rows = report["rows"]
-    assert [r["model"] for r in rows] == ["vit_mini_patch4_28", "vit_tiny_patch16_224"]
+    assert [r["model"] for r in rows] == ["vit_mini_patch7_28", "vit_tiny_patch16_224"]
     for row in rows:
         for call in ("plain", "attention", "rollout"):
             assert positive_spread(row["seconds"][call])
