@@ -85,6 +85,16 @@ def test_fashion_mnist_from_files(tmp_path):
     np.testing.assert_array_equal(images[..., 0], written)
 
 
+def test_fashion_mnist_label_out_of_range_names_the_file(tmp_path):
+    write_fashion(tmp_path, "t10k", 12, gz=False)
+    labels = np.arange(12, dtype=np.uint8) % 10
+    labels[7] = 10  # Fashion-MNIST has classes 0 to 9
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    with pytest.raises(ValueError, match="label 10 of image 7 is out of range for 10") as e:
+        read_fashion_mnist(tmp_path, "test")
+    assert "t10k-labels-idx1-ubyte" in str(e.value)
+
+
 def test_fashion_mnist_in_torchvision_layout(tmp_path):
     written = write_fashion(tmp_path / "FashionMNIST" / "raw", "train", 3, gz=False)
     images, _ = read_fashion_mnist(tmp_path, "train")
@@ -163,6 +173,15 @@ def test_cifar10_py2_batches(tmp_path):
     assert image[31, 30, 2] == rows[1, 2048 + 32 * 31 + 30]
     _, test_labels, _ = read_cifar(tmp_path, "cifar10", "test")
     assert test_labels.tolist() == [9, 8]
+
+
+def test_cifar_label_out_of_range_names_the_file(tmp_path):
+    folder = write_cifar10(tmp_path)
+    test = {b"labels": [9, 10], b"data": cifar_rows(2, 99)}
+    (folder / "test_batch").write_bytes(py2_pickle(test))
+    with pytest.raises(ValueError, match=r"test_batch: label 10 of image 1 is out of range"):
+        read_cifar(tmp_path, "cifar10", "test")
+    read_cifar(tmp_path, "cifar10", "train")  # the other batches are fine
 
 
 def test_cifar100_modern_pickle(tmp_path):

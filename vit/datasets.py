@@ -111,7 +111,20 @@ def read_fashion_mnist(
         )
     if labels.shape != (len(images),):
         raise ValueError(f"{found[1]}: {labels.shape} labels for {len(images)} images")
-    return images[..., None], labels.astype(np.int64)  # N, 28, 28, 1
+    labels = labels.astype(np.int64)
+    check_labels(labels, len(FASHION_MNIST_CLASSES), found[1])
+    return images[..., None], labels  # N, 28, 28, 1
+
+
+def check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
+    """Raise ValueError naming ``path`` when a label is outside ``[0, num_classes)``."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{path}: label {int(labels[i])} of image {i} is out of range for {num_classes} "
+            f"classes ({bad.size} such labels)"
+        )
 
 
 def _find_fashion_files(root: Path, names: Sequence[str]) -> tuple[Path, Path] | None:
@@ -216,7 +229,7 @@ def read_cifar(
         )
         dataset_cls(str(root), train=split == "train", download=True)
     class_names = [_decode_name(n) for n in _pickle_key(folder / meta_file, names_key)]
-    images, labels = zip(*(_cifar_batch(p, labels_key) for p in files))
+    images, labels = zip(*(_cifar_batch(p, labels_key, len(class_names)) for p in files))
     return np.concatenate(images), np.concatenate(labels), class_names
 
 
@@ -231,7 +244,7 @@ def _decode_name(name: bytes | str) -> str:
     return name.decode("utf-8") if isinstance(name, bytes) else str(name)
 
 
-def _cifar_batch(path: Path, labels_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_batch(path: Path, labels_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """One batch: rows of 3072 bytes (R plane, G plane, B plane, each 32x32 row-major)."""
     data = np.asarray(_pickle_key(path, b"data"))
     labels = np.asarray(_pickle_key(path, labels_key), dtype=np.int64)
@@ -239,5 +252,6 @@ def _cifar_batch(path: Path, labels_key: bytes) -> tuple[np.ndarray, np.ndarray]
         raise ValueError(f"{path}: expected uint8 data [N, 3072], got {data.dtype} {data.shape}")
     if labels.shape != (len(data),):
         raise ValueError(f"{path}: {labels.shape} labels for {len(data)} images")
+    check_labels(labels, num_classes, path)
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # N, 32, 32, 3
     return np.ascontiguousarray(images), labels
