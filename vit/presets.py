@@ -10,6 +10,10 @@ import dataclasses
 
 from vit.model import VisionTransformer, ViTConfig
 
+_MINI_28 = dict(
+    img_size=28, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=4, mlp_ratio=2.0
+)
+
 PRESETS: dict[str, dict] = {
     "vit_tiny_patch16_224": dict(embed_dim=192, depth=12, num_heads=3),
     "vit_small_patch16_224": dict(embed_dim=384, depth=12, num_heads=6),
@@ -36,28 +40,10 @@ PRESETS: dict[str, dict] = {
         num_heads=12,
         mlp_ratio=1.0,
     ),
-    # Fashion-MNIST on a CPU, one input channel: a 7x7 grid of 4x4 patches, or a 4x4 grid of
-    # 7x7 patches, which trains three times faster and wins at a fixed CPU budget
-    "vit_mini_patch7_28": dict(
-        img_size=28,
-        patch_size=7,
-        in_chans=1,
-        num_classes=10,
-        embed_dim=96,
-        depth=6,
-        num_heads=4,
-        mlp_ratio=2.0,
-    ),
-    "vit_mini_patch4_28": dict(
-        img_size=28,
-        patch_size=4,
-        in_chans=1,
-        num_classes=10,
-        embed_dim=96,
-        depth=6,
-        num_heads=4,
-        mlp_ratio=2.0,
-    ),
+    # Fashion-MNIST on a CPU, one input channel: a 4x4 grid of 7x7 patches trains three times
+    # faster than a 7x7 grid of 4x4 ones and wins at a fixed CPU budget
+    "vit_mini_patch7_28": dict(_MINI_28, patch_size=7),
+    "vit_mini_patch4_28": dict(_MINI_28, patch_size=4),
 }
 
 
