@@ -126,4 +126,9 @@ def evaluate_checkpoint(
             results["confusion_matrix"], meta["class_names"], out / "confusion_matrix.png"
         )
         results["out_dir"] = str(out)
+    # every process leaves together, through an orderly shutdown of the process group: a
+    # process that exits with gloo's threads still running aborts ("terminate called
+    # without an active exception") and fails the whole torchrun
+    acc.wait_for_everyone()
+    acc.end_training()
     return results
