@@ -210,6 +210,21 @@ def test_cross_field_errors():
         load_config(None, ["log.name=t", "aug.mean=[0.5]"])
 
 
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("model.name=vit_nonexistent", "unknown model preset 'vit_nonexistent'; known presets:"),
+        ("model.options.dpeth=3", "unknown model option(s) ['dpeth']"),
+        ("model.options.num_heads=5", "embed_dim 96 is not divisible by num_heads 5"),
+        ("model.img_size=30", "image size 30x30 is not a multiple of the patch size 7"),
+    ],
+)
+def test_model_that_cannot_be_built_is_a_config_error(override, words):
+    with pytest.raises(ConfigError, match=r"^model: ") as info:
+        load_config(None, ["log.name=t", override])
+    assert words in str(info.value)
+
+
 @pytest.mark.parametrize("key", sorted(CHOICES))
 def test_choices_enforced(key):
     section, name = key.split(".")

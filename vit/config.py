@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+from vit.model import check_config
+from vit.presets import preset_config
+
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names the key."""
@@ -317,6 +320,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.root: the imagefolder data set needs a root folder")
     if (cfg.aug.mean is None) != (cfg.aug.std is None):
         raise ConfigError("aug.mean and aug.std must be given together")
+    _check_architecture(cfg.model)
+
+
+def _check_architecture(model: ModelConfig) -> None:
+    """The preset exists, its options are ViTConfig fields and the result can be built."""
+    overrides = dict(model.options)
+    if model.img_size is not None:
+        overrides["img_size"] = model.img_size
+    try:
+        check_config(preset_config(model.name, **overrides))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from e
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
