@@ -41,7 +41,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"{path}: refused to load: it holds objects other than tensors, and unpickling "
-            f"them could run code. Convert it to safetensors from a trusted source. ({e})"
+            f"them could run code. Convert it to safetensors from a trusted source. "
+            f"({unpickler_reason(e)})"
         ) from e
     except Exception as e:  # a damaged file fails inside the unpickler in many ways
         raise ValueError(f"{path}: not a readable PyTorch weight file ({e})") from e
@@ -86,3 +87,13 @@ def load_weights(model: VisionTransformer, state: dict[str, torch.Tensor]) -> No
             "weights do not fit the model: "
             f"missing keys {missing}, unexpected keys {result.unexpected_keys}"
         )
+
+
+def unpickler_reason(error: Exception) -> str:
+    """The line of torch's weights-only refusal that says what was refused, without the
+    advice around it to load with ``weights_only=False``, which would run the code."""
+    for line in str(error).splitlines():
+        if "WeightsUnpickler error:" in line:
+            reason = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return reason.split(". ", 1)[0]  # what follows tells how to allow it
+    return type(error).__name__
