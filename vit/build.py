@@ -6,11 +6,10 @@ import logging
 import os
 from dataclasses import dataclass
 
-from vit.config import Config, ConfigError, ModelConfig
+from vit.config import Config, ConfigError, ModelConfig, model_config
 from vit.data import DATASET_STATS, Subset, build_source, split_indices
 from vit.loader import AugmentedDataset
 from vit.model import VisionTransformer
-from vit.presets import preset_config
 from vit.timm_compat import load_pretrained
 from vit.transforms import eval_transform, train_transform
 
@@ -29,17 +28,6 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     skipped: list[tuple[str, str]]  # bad files dropped under data.bad_files=skip
-
-
-def model_config(cfg: ModelConfig, num_classes: int):
-    """The ViTConfig a run's model section describes."""
-    overrides = dict(cfg.options)
-    overrides.update(
-        num_classes=num_classes, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate
-    )
-    if cfg.img_size is not None:
-        overrides["img_size"] = cfg.img_size
-    return preset_config(cfg.name, **overrides)
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> VisionTransformer:

@@ -323,13 +323,21 @@ def validate(cfg: Config) -> None:
     _check_architecture(cfg.model)
 
 
+def model_config(cfg: ModelConfig, num_classes: int):
+    """The ViTConfig a run's model section describes."""
+    overrides = dict(cfg.options)
+    overrides.update(
+        num_classes=num_classes, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate
+    )
+    if cfg.img_size is not None:
+        overrides["img_size"] = cfg.img_size
+    return preset_config(cfg.name, **overrides)
+
+
 def _check_architecture(model: ModelConfig) -> None:
     """The preset exists, its options are ViTConfig fields and the result can be built."""
-    overrides = dict(model.options)
-    if model.img_size is not None:
-        overrides["img_size"] = model.img_size
     try:
-        check_config(preset_config(model.name, **overrides))
+        check_config(model_config(model, num_classes=1))  # the class count comes from the data
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model: {e}") from e
 
