@@ -52,35 +52,45 @@ CUDA_DEFAULT = ["vit_small_patch16_224", "vit_base_patch16_224"]
 QUICK_IMG_SIZE = 32  # --quick builds the 224 presets at 32x32 (a 2x2 grid)
 
 
-def forward_flops(cfg: ViTConfig, img_size: tuple[int, int]) -> dict[str, int]:
+def forward_flops(
+    cfg: ViTConfig, img_size: tuple[int, int], cls_only_last: bool = False
+) -> dict[str, int]:
     """FLOPs of one image's forward pass by part, counting a multiply-add as 2 FLOPs.
 
     With P = grid_h * grid_w patches, N = P + 1 tokens, width D, MLP width M, depth L,
-    in_chans C, patch p and K classes:
+    in_chans C, patch p and K classes, and n queries per block (n = N):
 
     - patch embedding (a p x p stride-p convolution): ``2 P (C p^2) D``
-    - per block: qkv ``2 N D (3D)``; scores ``Q K^T`` over all heads ``2 N^2 D``;
-      weighted sum ``A V`` ``2 N^2 D``; output projection ``2 N D^2``; MLP ``2 (2 N D M)``
+    - per block: queries ``2 n D D``, keys and values ``2 N D (2D)``; scores ``Q K^T`` over
+      all heads ``2 n N D``; weighted sum ``A V`` ``2 n N D``; output projection
+      ``2 n D^2``; MLP ``2 (2 n D M)``
     - head on the cls token: ``2 D K``
 
-    Norms, softmax, GELU, residual adds and biases are left out: they are O(N D) each and
-    a few percent of the total. A training step is counted as 3x the forward (the backward
-    computes two products for every one of the forward).
+    ``cls_only_last`` counts our plain forward, whose last block computes the cls token
+    alone (n = 1 there). Norms, softmax, GELU, residual adds and biases are left out: they
+    are O(N D) each and a few percent of the total. A training step is counted as 3x the
+    forward (the backward computes two products for every one of the forward).
     """
     H, W = img_size
     p, D, L = cfg.patch_size, cfg.embed_dim, cfg.depth
     P = (H // p) * (W // p)
     N = P + 1
     M = int(D * cfg.mlp_ratio)
-    return {
-        "patch_embed": 2 * P * (cfg.in_chans * p * p) * D,
-        "qkv": L * 2 * N * D * 3 * D,
-        "attn_scores": L * 2 * N * N * D,
-        "attn_weighted_sum": L * 2 * N * N * D,
-        "attn_proj": L * 2 * N * D * D,
-        "mlp": L * 2 * 2 * N * D * M,
-        "head": 2 * D * cfg.num_classes,
-    }
+
+    def block(n: int) -> dict[str, int]:
+        return {
+            "qkv": 2 * n * D * D + 2 * N * D * 2 * D,
+            "attn_scores": 2 * n * N * D,
+            "attn_weighted_sum": 2 * n * N * D,
+            "attn_proj": 2 * n * D * D,
+            "mlp": 2 * 2 * n * D * M,
+        }
+
+    full, last = block(N), block(1 if cls_only_last else N)
+    flops = {"patch_embed": 2 * P * (cfg.in_chans * p * p) * D}
+    flops |= {part: (L - 1) * full[part] + last[part] for part in full}
+    flops["head"] = 2 * D * cfg.num_classes
+    return flops
 
 
 def build_pair(
@@ -110,7 +120,7 @@ def build_pair(
 def measure_phase(
     fns: dict[str, object],
     batch: int,
-    flops_per_image: float,
+    flops_per_image: dict[str, float],
     peak: float,
     device: torch.device,
     settings: dict,
@@ -125,7 +135,7 @@ def measure_phase(
     result["ratio"] = ours / theirs
     result["ratio_by_round"] = common.paired_ratio(times["ours"], times["timm"])
     for who in ("ours", "timm"):
-        flops_per_s = flops_per_image * result[f"{who}_images_per_s"]["median"]
+        flops_per_s = flops_per_image[who] * result[f"{who}_images_per_s"]["median"]
         result[f"{who}_flops_per_s"] = flops_per_s
         result[f"{who}_fraction_of_peak"] = flops_per_s / peak
     return result
@@ -144,7 +154,11 @@ def measure_row(
     ours, theirs = build_pair(preset, img_size, device)
     cfg = ours.cfg
     H, W = ours.img_size
-    flops = sum(forward_flops(cfg, (H, W)).values())
+    # each model's FLOP rate counts the work it does: our last block computes one token
+    flops = {
+        "ours": sum(forward_flops(cfg, (H, W), cls_only_last=True).values()),
+        "timm": sum(forward_flops(cfg, (H, W)).values()),
+    }
     images = torch.randn(batch, cfg.in_chans, H, W, device=device)
     targets = torch.randint(0, cfg.num_classes, (batch,), device=device)
     amp = torch.bfloat16 if mode.startswith("bf16") else None
@@ -153,7 +167,7 @@ def measure_row(
     # compiling happens in the warm-up calls: give it several
     settings = {**settings, "warmup": settings["warmup"] + (3 if mode.endswith("compile") else 0)}
     base = {"model": preset, "mode": mode, "batch": batch, "img_size": [H, W]}
-    base["gflops_per_image_forward"] = flops / 1e9
+    base["gflops_per_image_forward"] = {who: f / 1e9 for who, f in flops.items()}
 
     ours.eval()
     theirs.eval()
@@ -169,7 +183,9 @@ def measure_row(
         "ours": common.train_step_fn(ours, images, targets, amp),
         "timm": common.train_step_fn(theirs, images, targets, amp),
     }
-    training = measure_phase(train, batch, 3 * flops, peak, device, settings)
+    training = measure_phase(
+        train, batch, {who: 3 * f for who, f in flops.items()}, peak, device, settings
+    )
     return [
         {**base, "phase": "inference", **inference},
         {**base, "phase": "train_step", **training},

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from vit import VisionTransformer, ViTConfig, create_model
@@ -125,6 +126,18 @@ def test_forward_flops_match_torch_flop_counter(bench, cfg):
     assert 2 * sum(flops.values()) == counter.get_total_flops()
 
 
+def test_cls_only_flops_match_torch_flop_counter_on_the_plain_forward(bench):
+    # the math backend runs scaled_dot_product_attention as matmuls the counter sees
+    cfg = ViTConfig(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=48,
+                    depth=3, num_heads=4, mlp_ratio=2.0)  # fmt: skip
+    model = VisionTransformer(cfg).eval()
+    math = sdpa_kernel(SDPBackend.MATH)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), math:
+        model(torch.randn(2, 1, 28, 28))
+    flops = bench("model_throughput").forward_flops(cfg, (28, 28), cls_only_last=True)
+    assert 2 * sum(flops.values()) == counter.get_total_flops()
+
+
 def test_sequence_block_flops_match_the_model_formula(bench):
     # one block of the sequence benchmark is one block of the whole-model count
     cfg = ViTConfig(img_size=32, patch_size=4, embed_dim=64, depth=1, num_heads=4)
@@ -154,11 +167,13 @@ def test_model_throughput_quick(bench, tmp_path):
         ours, theirs = row["ours_images_per_s"]["median"], row["timm_images_per_s"]["median"]
         assert row["ratio"] == pytest.approx(ours / theirs)
         assert row["ours_fraction_of_peak"] > 0 and row["timm_fraction_of_peak"] > 0
-        assert row["gflops_per_image_forward"] > 0
+        # our last block computes the cls token alone: less work than timm's
+        assert 0 < row["gflops_per_image_forward"]["ours"] < row["gflops_per_image_forward"]["timm"]
     # a training step is counted as three forwards
     infer, train = rows[0], rows[1]
-    per_image = train["ours_flops_per_s"] / train["ours_images_per_s"]["median"]
-    assert per_image == pytest.approx(3e9 * infer["gflops_per_image_forward"])
+    for who in ("ours", "timm"):
+        per_image = train[f"{who}_flops_per_s"] / train[f"{who}_images_per_s"]["median"]
+        assert per_image == pytest.approx(3e9 * infer["gflops_per_image_forward"][who])
 
 
 def write_folder(root: Path, size: tuple[int, int], suffix: str, per_class: int = 12) -> Path:

@@ -129,6 +129,40 @@ def test_gradients_reach_every_parameter(tiny_config, case):
     assert not zero, f"no gradient reaches {zero}"
 
 
+# -- the plain forward's last block ---------------------------------------------------------
+
+CLS_ONLY_CASES = {
+    "plain": {},
+    "qk_norm_layer_scale": dict(qk_norm=True, init_values=0.5),
+    "no_qkv_bias_fc_norm": dict(qkv_bias=False, fc_norm=True),
+}
+
+
+@pytest.mark.parametrize("case", CLS_ONLY_CASES)
+def test_plain_forward_equals_reading_the_cls_token_of_all_tokens(tiny_vit, case):
+    # the plain forward's last block computes the cls token alone; its logits and every
+    # gradient must match running all tokens through every block and reading the cls token
+    model = tiny_vit(**CLS_ONLY_CASES[case]).train()
+    x = torch.randn(4, 3, 32, 32)
+    fast = model(x)
+    full = model.forward_head(model.forward_features(x)[0])
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    params = list(model.parameters())
+    fast_grads = torch.autograd.grad(fast.square().sum(), params)
+    full_grads = torch.autograd.grad(full.square().sum(), params)
+    for (name, _), a, b in zip(model.named_parameters(), fast_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_cls_only_block_output_is_the_first_token_of_the_full_output(tiny_vit):
+    block = tiny_vit(qk_norm=True, init_values=0.5).blocks[1]
+    x = torch.randn(3, 17, 32)
+    full, _ = block(x)
+    cls, attn = block(x, cls_only=True)
+    assert cls.shape == (3, 1, 32) and attn is None
+    torch.testing.assert_close(cls, full[:, :1], rtol=1e-5, atol=1e-6)
+
+
 # -- other image sizes ----------------------------------------------------------------------
 
 
