@@ -117,11 +117,13 @@ def test_matmul_peak_is_a_positive_rate(bench):
     ],
 )  # fmt: skip
 def test_forward_flops_match_torch_flop_counter(bench, cfg):
-    # the explicit attention path runs every product as a matmul torch's counter sees
+    # every token through every block (as timm runs it); the explicit attention path runs
+    # every product as a matmul torch's counter sees
     model = VisionTransformer(cfg).eval()
     H, W = model.img_size
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.randn(2, cfg.in_chans, H, W), return_attention=True)
+        tokens, _ = model.forward_features(torch.randn(2, cfg.in_chans, H, W), True)
+        model.forward_head(tokens)
     flops = bench("model_throughput").forward_flops(cfg, (H, W))
     assert 2 * sum(flops.values()) == counter.get_total_flops()
 

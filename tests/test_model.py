@@ -138,20 +138,32 @@ CLS_ONLY_CASES = {
 }
 
 
+@pytest.mark.parametrize("return_attention", [False, True], ids=["plain", "maps"])
 @pytest.mark.parametrize("case", CLS_ONLY_CASES)
-def test_plain_forward_equals_reading_the_cls_token_of_all_tokens(tiny_vit, case):
-    # the plain forward's last block computes the cls token alone; its logits and every
+def test_forward_equals_reading_the_cls_token_of_all_tokens(tiny_vit, case, return_attention):
+    # the forward's last block computes the cls token alone; its logits, maps and every
     # gradient must match running all tokens through every block and reading the cls token
     model = tiny_vit(**CLS_ONLY_CASES[case]).train()
     x = torch.randn(4, 3, 32, 32)
-    fast = model(x)
-    full = model.forward_head(model.forward_features(x)[0])
+    if return_attention:
+        fast, fast_maps = model(x, return_attention=True)
+        tokens, full_maps = model.forward_features(x, return_attention=True)
+        full = model.forward_head(tokens)
+        for a, b in zip(fast_maps, full_maps, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    else:
+        fast, fast_maps = model(x), []
+        full, full_maps = model.forward_head(model.forward_features(x)[0]), []
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
     params = list(model.parameters())
-    fast_grads = torch.autograd.grad(fast.square().sum(), params)
-    full_grads = torch.autograd.grad(full.square().sum(), params)
+    fast_grads = torch.autograd.grad(loss_of(fast, fast_maps), params)
+    full_grads = torch.autograd.grad(loss_of(full, full_maps), params)
     for (name, _), a, b in zip(model.named_parameters(), fast_grads, full_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def loss_of(logits: torch.Tensor, maps: list[torch.Tensor]) -> torch.Tensor:
+    return logits.square().sum() + sum(m[:, :, 0].square().sum() for m in maps)
 
 
 def test_cls_only_block_output_is_the_first_token_of_the_full_output(tiny_vit):
