@@ -34,13 +34,12 @@ from pathlib import Path
 import common
 import torch
 
-from vit.build import build_model, default_workers, model_config, normalisation
+from vit.build import build_model, default_workers, model_config, normalisation, train_dataset
 from vit.config import Config, load_config
 from vit.data import FolderSource, Subset, build_source
 from vit.datasets import FASHION_MNIST_ROOT
 from vit.images import is_image_path
 from vit.loader import AugmentedDataset, train_loader
-from vit.transforms import train_transform
 
 NAME = "data_pipeline"
 CONFIG_DIR = common.BENCH_DIR.parent / "configs"
@@ -109,8 +108,7 @@ def build_dataset(cfg: Config, name: str, limit: int, tmp: Path, channels: int, 
         source = FolderSource(folder, channels=channels, in_memory=cfg.data.in_memory)
     seconds = time.perf_counter() - start
     mean, std = normalisation(cfg, channels)
-    transform = train_transform(cfg.aug, img_size, mean, std)
-    return AugmentedDataset(source, transform, seed=cfg.train.seed), seconds
+    return train_dataset(source, cfg, img_size, mean, std), seconds
 
 
 def endless(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import albumentations as A
 import numpy as np
 import pytest
 import torch
+from albumentations.pytorch import ToTensorV2
 
-from vit.config import AugConfig
+from vit.build import train_dataset
+from vit.config import AugConfig, Config
 from vit.data import ArraySource
 from vit.loader import (
     AugmentedDataset,
@@ -15,7 +18,7 @@ from vit.loader import (
     shard_indices,
     train_loader,
 )
-from vit.transforms import train_transform
+from vit.transforms import BatchNormalize, train_transform
 
 
 def indices(batches) -> list[list[int]]:
@@ -156,3 +159,43 @@ class _Identity:
 
     def __call__(self, image: np.ndarray) -> dict:
         return {"image": torch.from_numpy(image.copy())}
+
+
+# -- normalisation by batch -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_batch_normalize_equals_albumentations_per_image(channels):
+    images = np.random.default_rng(1).integers(0, 256, (5, 7, 9, channels), dtype=np.uint8)
+    mean, std = (0.2, 0.5, 0.7)[:channels], (0.3, 0.25, 0.4)[:channels]
+    per_image = A.Compose([A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()])
+    x, y = BatchNormalize(mean, std)([(im, k) for k, im in enumerate(images)])
+    want = torch.stack([per_image(image=im)["image"] for im in images])
+    assert x.shape == (5, channels, 7, 9) and x.dtype == torch.float32 and x.is_contiguous()
+    torch.testing.assert_close(x, want, rtol=0, atol=1e-5)
+    assert y.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_training_batches_equal_the_per_image_pipeline():
+    # the training set stops each image at uint8 and normalises the batch: the same batches
+    # as the whole albumentations pipeline image by image, augmentation draws included
+    cfg = Config(aug=AugConfig(crop="pad_crop", pad=3, hflip=0.5, color_jitter=0.4))
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+    fast = train_dataset(noisy_source(), cfg, (16, 16), mean, std)
+    assert isinstance(fast.collate, BatchNormalize)
+    slow = AugmentedDataset(noisy_source(), train_transform(cfg.aug, (16, 16), mean, std))
+    kw = dict(batch_size=4, seed=5, rank=0, world_size=1, num_workers=0)
+    pairs = list(zip(train_loader(fast, **kw), train_loader(slow, **kw)))
+    assert len(pairs) == 3
+    for (x, y), (want_x, want_y) in pairs:
+        torch.testing.assert_close(x, want_x, rtol=0, atol=1e-5)
+        assert torch.equal(y, want_y)
+
+
+def test_random_erasing_keeps_normalising_each_image():
+    cfg = Config(aug=AugConfig(random_erasing=0.5))
+    dataset = train_dataset(noisy_source(), cfg, (16, 16), (0.5,) * 3, (0.25,) * 3)
+    assert dataset.collate is None
+    assert dataset[(0, 1)][0].dtype == torch.float32
+    with pytest.raises(ValueError, match="random erasing"):
+        train_transform(cfg.aug, (16, 16), (0.5,) * 3, (0.25,) * 3, normalize=False)

@@ -11,7 +11,7 @@ from vit.data import DATASET_STATS, Subset, build_source, split_indices
 from vit.loader import AugmentedDataset
 from vit.model import VisionTransformer
 from vit.timm_compat import load_pretrained
-from vit.transforms import eval_transform, train_transform
+from vit.transforms import BatchNormalize, eval_transform, normalizes_per_batch, train_transform
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +94,9 @@ def build_data(cfg: Config, img_size: tuple[int, int], channels: int) -> DataBun
             )
         train_source, val_source = Subset(source, train_idx), Subset(source, val_idx)
     mean, std = normalisation(cfg, channels)
-    train_tf = train_transform(cfg.aug, img_size, mean, std)
     val_tf = eval_transform(img_size, mean, std, cfg.aug.eval_crop_pct)
     return DataBundle(
-        train=AugmentedDataset(train_source, train_tf, seed=cfg.train.seed),
+        train=train_dataset(train_source, cfg, img_size, mean, std),
         val=AugmentedDataset(val_source, val_tf),
         class_names=list(source.class_names),
         img_size=img_size,
@@ -106,6 +105,17 @@ def build_data(cfg: Config, img_size: tuple[int, int], channels: int) -> DataBun
         std=std,
         skipped=skipped,
     )
+
+
+def train_dataset(
+    source, cfg: Config, img_size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]
+) -> AugmentedDataset:
+    """The augmented training set: each image augmented alone, then normalised by batch
+    (unless random erasing needs normalised images; then each image alone as well)."""
+    per_batch = normalizes_per_batch(cfg.aug)
+    transform = train_transform(cfg.aug, img_size, mean, std, normalize=not per_batch)
+    collate = BatchNormalize(mean, std) if per_batch else None
+    return AugmentedDataset(source, transform, seed=cfg.train.seed, collate=collate)
 
 
 def default_workers(cfg: Config, img_size: tuple[int, int]) -> int:

@@ -18,12 +18,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class AugmentedDataset(Dataset):
-    """A source of uint8 images with a transform; items are addressed as (epoch, index)."""
+    """A source of uint8 images with a transform; items are addressed as (epoch, index).
 
-    def __init__(self, source, transform, seed: int = 0):
+    ``collate`` is the loader's ``collate_fn`` for the transform's output (None: torch's
+    default), e.g. a :class:`vit.transforms.BatchNormalize` after a transform that stops
+    at uint8.
+    """
+
+    def __init__(self, source, transform, seed: int = 0, collate=None):
         self.source = source
         self.transform = transform
         self.seed = seed
+        self.collate = collate
 
     def __len__(self) -> int:
         return len(self.source)
@@ -110,6 +116,7 @@ def train_loader(
         batch_sampler=sampler,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        collate_fn=dataset.collate,
         pin_memory=torch.cuda.is_available(),
         generator=_own_generator(seed),
     )
