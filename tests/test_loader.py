@@ -77,9 +77,9 @@ def test_shards_cover_each_sample_once(n, world):
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
-def noisy_source(n: int = 12) -> ArraySource:
+def noisy_source(n: int = 12, channels: int = 3) -> ArraySource:
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n, 20, 20, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, (n, 20, 20, channels), dtype=np.uint8)
     return ArraySource(images, np.arange(n) % 3, ["a", "b", "c"])
 
 
@@ -176,20 +176,24 @@ def test_batch_normalize_equals_albumentations_per_image(channels):
     assert y.tolist() == [0, 1, 2, 3, 4]
 
 
-def test_training_batches_equal_the_per_image_pipeline():
+@pytest.mark.parametrize("channels", [1, 3])
+def test_training_batches_equal_the_per_image_pipeline(channels):
     # the training set stops each image at uint8 and normalises the batch: the same batches
     # as the whole albumentations pipeline image by image, augmentation draws included
-    cfg = Config(aug=AugConfig(crop="pad_crop", pad=3, hflip=0.5, color_jitter=0.4))
-    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
-    fast = train_dataset(noisy_source(), cfg, (16, 16), mean, std)
+    jitter = 0.4 if channels == 3 else 0.0
+    cfg = Config(aug=AugConfig(crop="pad_crop", pad=3, hflip=0.5, color_jitter=jitter))
+    mean, std = (0.5, 0.4, 0.3)[:channels], (0.25, 0.2, 0.3)[:channels]
+    source = noisy_source(channels=channels)
+    fast = train_dataset(source, cfg, (16, 16), mean, std)
     assert isinstance(fast.collate, BatchNormalize)
-    slow = AugmentedDataset(noisy_source(), train_transform(cfg.aug, (16, 16), mean, std))
+    slow = AugmentedDataset(source, train_transform(cfg.aug, (16, 16), mean, std))
     kw = dict(batch_size=4, seed=5, rank=0, world_size=1, num_workers=0)
     pairs = list(zip(train_loader(fast, **kw), train_loader(slow, **kw)))
     assert len(pairs) == 3
     for (x, y), (want_x, want_y) in pairs:
+        assert x.shape == (4, channels, 16, 16)
         torch.testing.assert_close(x, want_x, rtol=0, atol=1e-5)
-        assert torch.equal(y, want_y)
+        assert torch.equal(y, want_y) and y.dtype == torch.long
 
 
 def test_random_erasing_keeps_normalising_each_image():

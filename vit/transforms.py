@@ -97,8 +97,11 @@ class BatchNormalize:
 
     def __call__(self, samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = zip(*samples)
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()  # B, C, H, W
-        return ((x - self.mean) / self.std).contiguous(), torch.tensor(labels)
+        x = torch.from_numpy(np.stack(images))
+        if x.ndim == 3:  # grayscale without its channel axis
+            x = x.unsqueeze(-1)
+        x = x.permute(0, 3, 1, 2).float()  # B, C, H, W
+        return ((x - self.mean) / self.std).contiguous(), torch.tensor(labels, dtype=torch.long)
 
 
 def eval_transform(
