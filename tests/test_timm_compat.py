@@ -218,11 +218,13 @@ def test_missing_weight_file_names_the_path(tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".bin", ".safetensors"])
-@pytest.mark.parametrize("damage", ["text", "truncated"])
+@pytest.mark.parametrize("damage", ["text", "truncated", "pickle_garbage"])
 def test_unreadable_weight_file_names_the_path(tmp_path, suffix, damage):
     path = tmp_path / f"damaged{suffix}"
     if damage == "text":
         path.write_bytes(b"this is not a weight file")
+    elif damage == "pickle_garbage":  # a pickle header, then bytes no unpickler can read
+        path.write_bytes(b"\x80\x05garbage" + bytes(range(50)))
     else:
         _save({"w": torch.randn(64, 64)}, path)
         path.write_bytes(path.read_bytes()[:200])

@@ -39,10 +39,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        reason = unpickler_reason(e)
+        if "global" not in reason.lower():  # no class or function named: damaged bytes
+            stopped = reason or "the data ended or broke off"
+            raise ValueError(f"{path}: not a readable PyTorch weight file ({stopped})") from e
         raise UnsafeCheckpointError(
             f"{path}: refused to load: it holds objects other than tensors, and unpickling "
             f"them could run code. Convert it to safetensors from a trusted source. "
-            f"({unpickler_reason(e)})"
+            f"({reason})"
         ) from e
     except Exception as e:  # a damaged file fails inside the unpickler in many ways
         raise ValueError(f"{path}: not a readable PyTorch weight file ({e})") from e
@@ -91,9 +95,10 @@ def load_weights(model: VisionTransformer, state: dict[str, torch.Tensor]) -> No
 
 def unpickler_reason(error: Exception) -> str:
     """The line of torch's weights-only refusal that says what was refused, without the
-    advice around it to load with ``weights_only=False``, which would run the code."""
+    advice around it to load with ``weights_only=False``, which would run the code; empty
+    when torch gives no reason (damaged data)."""
     for line in str(error).splitlines():
         if "WeightsUnpickler error:" in line:
             reason = line.split("WeightsUnpickler error:", 1)[1].strip()
             return reason.split(". ", 1)[0]  # what follows tells how to allow it
-    return type(error).__name__
+    return ""
