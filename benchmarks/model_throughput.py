@@ -61,9 +61,8 @@ def forward_flops(
     in_chans C, patch p and K classes, and n queries per block (n = N):
 
     - patch embedding (a p x p stride-p convolution): ``2 P (C p^2) D``
-    - per block: queries ``2 n D D``, keys and values ``2 N D (2D)``; scores ``Q K^T`` over
-      all heads ``2 n N D``; weighted sum ``A V`` ``2 n N D``; output projection
-      ``2 n D^2``; MLP ``2 (2 n D M)``
+    - per block: qkv ``2 N D (3D)``; scores ``Q K^T`` over all heads ``2 n N D``; weighted
+      sum ``A V`` ``2 n N D``; output projection ``2 n D^2``; MLP ``2 (2 n D M)``
     - head on the cls token: ``2 D K``
 
     ``cls_only_last`` counts our plain forward, whose last block computes the cls token
@@ -79,7 +78,7 @@ def forward_flops(
 
     def block(n: int) -> dict[str, int]:
         return {
-            "qkv": 2 * n * D * D + 2 * N * D * 2 * D,
+            "qkv": 2 * N * D * 3 * D,
             "attn_scores": 2 * n * N * D,
             "attn_weighted_sum": 2 * n * N * D,
             "attn_proj": 2 * n * D * D,
