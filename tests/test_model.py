@@ -253,6 +253,16 @@ def test_input_that_is_not_a_batch_of_images_is_refused(tiny_vit):
         tiny_vit()(torch.randn(3, 32, 32))
 
 
+@pytest.mark.parametrize(
+    "field, value, shown",
+    [("num_heads", 0, "num_heads must be positive"), ("embed_dim", -4, "embed_dim must be"),
+     ("depth", -1, "depth must be 0 or more")],
+)  # fmt: skip
+def test_non_positive_sizes_are_refused_by_name(tiny_config, field, value, shown):
+    with pytest.raises(ValueError, match=shown):
+        VisionTransformer(tiny_config(**{field: value}))
+
+
 def test_unknown_global_pool_is_refused(tiny_config):
     with pytest.raises(ValueError, match="global_pool must be 'token' or 'avg', got 'max'"):
         VisionTransformer(tiny_config(global_pool="max"))

@@ -361,6 +361,11 @@ def check_config(cfg: ViTConfig) -> None:
         raise ValueError(f"patch_size must be positive, got {p}")
     if h % p or w % p:
         raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+    for name in ("embed_dim", "num_heads"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.depth < 0:
+        raise ValueError(f"depth must be 0 or more, got {cfg.depth}")
     if cfg.embed_dim % cfg.num_heads:
         raise ValueError(f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}")
     if cfg.global_pool not in ("token", "avg"):
