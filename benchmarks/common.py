@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vit.memory import keep_freed_memory
 from vit.model import ViTConfig
 from vit.presets import PRESETS
 
@@ -62,8 +63,14 @@ def command_line(name: str, argv: Sequence[str]) -> str:
     return shlex.join(["python", f"benchmarks/{name}.py", *argv])
 
 
+MALLOC_KEEPS_FREED: bool | None = None  # set by setup()
+
+
 def setup(args: argparse.Namespace) -> torch.device:
-    """Apply the common options (threads, device) and seed torch; return the device."""
+    """Apply the common options (threads, device), set malloc up as the ``vit`` commands
+    do (vit.memory), and seed torch; return the device."""
+    global MALLOC_KEEPS_FREED
+    MALLOC_KEEPS_FREED = keep_freed_memory()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -114,6 +121,7 @@ def machine_info(device: torch.device) -> dict:
         "platform": platform.platform(),
         "device": device.type,
         "device_name": cpu,
+        "malloc_keeps_freed_memory": MALLOC_KEEPS_FREED,
     }
     if hasattr(os, "getloadavg"):
         # other work on the machine slows every figure; the load (this run included) says

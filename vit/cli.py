@@ -12,10 +12,14 @@ import sys
 from vit.config import ConfigError
 
 
-def _setup_logging() -> None:
+def _setup_process() -> None:
+    """Logging, and malloc keeping freed memory for the next step (see vit.memory)."""
+    from vit.memory import keep_freed_memory
+
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO, datefmt="%H:%M:%S"
     )
+    keep_freed_memory()
 
 
 def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -51,7 +55,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from vit.trainer import fit, has_checkpoints
 
     args = train_parser().parse_args(argv)
-    _setup_logging()
+    _setup_process()
     try:
         cfg = load_config(args.config, args.overrides)
         resume = args.resume or (args.auto_resume and has_checkpoints(cfg))
@@ -96,7 +100,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     from vit.evaluation import evaluate_checkpoint
 
     args = eval_parser().parse_args(argv)
-    _setup_logging()
+    _setup_process()
     try:
         r = evaluate_checkpoint(
             args.checkpoint,
@@ -153,7 +157,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     from vit.predict import Predictor, expand_paths, format_records, report_failures
 
     args = predict_parser().parse_args(argv)
-    _setup_logging()
+    _setup_process()
     try:
         predictor = Predictor.from_source(args.checkpoint, args.model, args.device)
         paths, unmatched = expand_paths(args.paths)
@@ -234,7 +238,7 @@ def rollout_main(argv: list[str] | None = None) -> int:
     problem = _rollout_usage_error(args)
     if problem:
         parser.error(problem)
-    _setup_logging()
+    _setup_process()
     try:
         predictor = Predictor.from_source(args.checkpoint, args.model, args.device)
         if args.img_size:
