@@ -301,10 +301,16 @@ class VisionTransformer(nn.Module):
         self, x: torch.Tensor, return_attention: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Tokens after the final norm, ``[B, N, C]``, and the attention maps if asked."""
-        x = self.embed(x)
+        return self._encode(self.embed(x), return_attention, cls_only_last=False)
+
+    def _encode(
+        self, x: torch.Tensor, return_attention: bool, cls_only_last: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The blocks and the final norm; ``cls_only_last``: the last block's cls token only."""
         attentions = []
-        for block in self.blocks:
-            x, attn = block(x, return_attention)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x, attn = block(x, return_attention, cls_only=cls_only_last and i == last)
             if return_attention:
                 attentions.append(attn)
         return self.norm(x), attentions
@@ -330,17 +336,9 @@ class VisionTransformer(nn.Module):
         one's). With ``return_attention`` it still scores every query, for the full maps.
         With dropout in training the two paths draw their masks over different shapes.
         """
-        if self.global_pool != "token" or not len(self.blocks):
-            x, attentions = self.forward_features(x, return_attention)
-            logits = self.forward_head(x)
-            return (logits, attentions) if return_attention else logits
-        x = self.embed(x)
-        attentions = []
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            x, attn = block(x, return_attention, cls_only=i == last)
-            attentions.append(attn)
-        logits = self.forward_head(self.norm(x))
+        cls_only_last = self.global_pool == "token"
+        x, attentions = self._encode(self.embed(x), return_attention, cls_only_last)
+        logits = self.forward_head(x)
         return (logits, attentions) if return_attention else logits
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
