@@ -33,12 +33,14 @@ NAME = "attention_cost"
 
 # (preset, batch size)
 CPU_ROWS = [
+    ("vit_mini_convstem_patch7_28", 128),
     ("vit_mini_patch7_28", 128),
     ("vit_mini_patch4_28", 128),
     ("vit_tiny_patch16_224", 16),
     ("vit_small_patch16_224", 8),
 ]
 CUDA_ROWS = [
+    ("vit_mini_convstem_patch7_28", 1024),
     ("vit_mini_patch7_28", 1024),
     ("vit_tiny_patch16_224", 256),
     ("vit_small_patch16_224", 128),

@@ -1,7 +1,8 @@
 """Throughput of our ViT against timm's ``VisionTransformer``, and against the machine's limit.
 
 For each preset both models are built with the same architecture and the same weights
-(timm's model, then ``vit.from_timm`` of it), and timed in alternation in one process:
+(timm's model, with timm's ``ConvStem`` inside its ``HybridEmbed`` for a hybrid, then
+``vit.from_timm`` of it), and timed in alternation in one process:
 inference (a forward pass without autograd) and a training step (forward, cross-entropy,
 backward, AdamW step). The CPU runs float32; a GPU runs bf16 autocast, eager and under
 ``torch.compile``. The ratio ours/timm is of images per second, so above 1 means faster.
@@ -17,25 +18,29 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 import common
 import timm
 import torch
 
 from vit import VisionTransformer, ViTConfig, from_timm, preset_config
+from vit.model import STEM_GROUPS, stem_kernel, stem_size
 
 NAME = "model_throughput"
 
-# batch size per preset and device. The CPU runs both Fashion-MNIST models (7x7 patches is
+# batch size per preset and device. The CPU runs the Fashion-MNIST models (the hybrid is
 # the default config's) and two ImageNet sizes; a GPU runs ViT-S and ViT-B by default
 # (compiling is slow: keep it short)
 CPU_BATCH = {
+    "vit_mini_convstem_patch7_28": 128,
     "vit_mini_patch7_28": 128,
     "vit_mini_patch4_28": 128,
     "vit_tiny_patch16_224": 32,
     "vit_small_patch16_224": 16,
 }
 CUDA_BATCH = {
+    "vit_mini_convstem_patch7_28": 1024,
     "vit_mini_patch7_28": 1024,
     "vit_mini_patch4_28": 1024,
     "vit_tiny_patch16_224": 256,
@@ -43,6 +48,7 @@ CUDA_BATCH = {
     "vit_base_patch16_224": 128,
 }
 CPU_DEFAULT = [
+    "vit_mini_convstem_patch7_28",
     "vit_mini_patch7_28",
     "vit_mini_patch4_28",
     "vit_tiny_patch16_224",
@@ -60,7 +66,10 @@ def forward_flops(
     With P = grid_h * grid_w patches, N = P + 1 tokens, width D, MLP width M, depth L,
     in_chans C, patch p and K classes, and n queries per block (n = N):
 
-    - patch embedding (a p x p stride-p convolution): ``2 P (C p^2) D``
+    - patch embedding (a p x p stride-p convolution): ``2 P (C p^2) D``; in a hybrid, each
+      3x3 stride-2 stem convolution from C_in to C_out channels on an h x w output adds
+      ``2 h w (C_in 9) C_out``, and the projection takes k x k patches of the last one's
+      C_s channels, ``2 P (C_s k^2) D``
     - per block: qkv ``2 N D (3D)``; scores ``Q K^T`` over all heads ``2 n N D``; weighted
       sum ``A V`` ``2 n N D``; output projection ``2 n D^2``; MLP ``2 (2 n D M)``
     - head on the cls token: ``2 D K``
@@ -86,7 +95,13 @@ def forward_flops(
         }
 
     full, last = block(N), block(1 if cls_only_last else N)
-    flops = {"patch_embed": 2 * P * (cfg.in_chans * p * p) * D}
+    flops, chans, (h, w) = {}, cfg.in_chans, (H, W)
+    for i, out_chans in enumerate(cfg.stem_channels):
+        h, w = stem_size(h, 1), stem_size(w, 1)
+        flops[f"stem_conv{i}"] = 2 * h * w * (chans * 9) * out_chans
+        chans = out_chans
+    kh, kw = stem_kernel((H, W), p, len(cfg.stem_channels))
+    flops["patch_embed"] = 2 * P * (chans * kh * kw) * D
     flops |= {part: (L - 1) * full[part] + last[part] for part in full}
     flops["head"] = 2 * D * cfg.num_classes
     return flops
@@ -108,12 +123,39 @@ def build_pair(
         num_heads=cfg.num_heads,
         mlp_ratio=cfg.mlp_ratio,
     )
+    if cfg.stem_channels:  # a hybrid: timm's ConvStem inside its HybridEmbed
+        theirs = timm_hybrid(cfg)
+        return from_timm(theirs).to(device), theirs.to(device)
     # our small presets have no timm name: any timm ViT name with the full architecture
     # passed as keyword arguments builds the same network
     name = preset if preset in timm.list_models("vit_*") else "vit_tiny_patch16_224"
     theirs = timm.create_model(name, pretrained=False, **arch)
     ours = from_timm(theirs)
     return ours.to(device), theirs.to(device)
+
+
+def timm_hybrid(cfg: ViTConfig) -> torch.nn.Module:
+    """timm's ``VisionTransformer`` with the hybrid patch embedding ``cfg`` describes."""
+    from timm.layers import GroupNormAct
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    from timm.models.vision_transformer_hybrid import ConvStem, HybridEmbed
+
+    layers = len(cfg.stem_channels)
+    norm = partial(GroupNormAct, num_groups=STEM_GROUPS)
+    channels = tuple(cfg.stem_channels)
+    stem = ConvStem(cfg.in_chans, layers, channels, stride=(2,) * layers, norm_layer=norm)
+    kernel = stem_kernel(cfg.img_size, cfg.patch_size, layers)
+    return TimmViT(
+        img_size=cfg.img_size,
+        patch_size=kernel,  # patches of the stem's feature map
+        in_chans=cfg.in_chans,
+        num_classes=cfg.num_classes,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        embed_layer=partial(HybridEmbed, backbone=stem),
+    )
 
 
 def measure_phase(

@@ -114,6 +114,10 @@ def test_matmul_peak_is_a_positive_rate(bench):
                   depth=2, num_heads=4, mlp_ratio=2.0),
         ViTConfig(img_size=(32, 48), patch_size=8, num_classes=7, embed_dim=48, depth=3,
                   num_heads=3, mlp_ratio=3.0),
+        ViTConfig(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32,
+                  depth=2, num_heads=2, stem_channels=[8, 16, 24]),
+        ViTConfig(img_size=(32, 48), patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                  stem_channels=[8]),
     ],
 )  # fmt: skip
 def test_forward_flops_match_torch_flop_counter(bench, cfg):
@@ -156,8 +160,8 @@ def test_model_throughput_quick(bench, tmp_path):
     report = run_quick(bench, "model_throughput", tmp_path)
     assert report["matmul_peak"]["best_flops_per_s"] > 0
     rows = report["rows"]
-    presets = ["vit_mini_patch7_28", "vit_mini_patch4_28", "vit_tiny_patch16_224"]
-    presets += ["vit_small_patch16_224"]
+    presets = ["vit_mini_convstem_patch7_28", "vit_mini_patch7_28", "vit_mini_patch4_28"]
+    presets += ["vit_tiny_patch16_224", "vit_small_patch16_224"]
     assert [(r["model"], r["phase"]) for r in rows] == [
         (p, phase) for p in presets for phase in ("inference", "train_step")
     ]

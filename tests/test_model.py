@@ -104,6 +104,7 @@ GRAD_CASES = {
         False,
     ),
     "return_attention": (dict(qk_norm=True), True),
+    "hybrid_stem": (dict(stem_channels=[8, 16]), False),
 }
 
 
@@ -135,6 +136,7 @@ CLS_ONLY_CASES = {
     "plain": {},
     "qk_norm_layer_scale": dict(qk_norm=True, init_values=0.5),
     "no_qkv_bias_fc_norm": dict(qkv_bias=False, fc_norm=True),
+    "hybrid_stem": dict(stem_channels=[8, 16]),
 }
 
 
@@ -199,8 +201,9 @@ def test_running_at_a_size_equals_a_model_built_there(tiny_config, tiny_vit):
         assert torch.equal(model(x), built_there(x))
 
 
-def test_samples_do_not_affect_each_other(tiny_vit):
-    model = tiny_vit()
+@pytest.mark.parametrize("stem", [[], [8, 16]], ids=["plain", "hybrid"])
+def test_samples_do_not_affect_each_other(tiny_vit, stem):
+    model = tiny_vit(stem_channels=stem)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         together = model(x)
@@ -295,7 +298,10 @@ def test_small_presets_classify_their_images(name):
         assert model(x).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name, patch", [("vit_mini_patch7_28", 7), ("vit_mini_patch4_28", 4)])
+@pytest.mark.parametrize(
+    "name, patch",
+    [("vit_mini_patch7_28", 7), ("vit_mini_patch4_28", 4), ("vit_mini_convstem_patch7_28", 7)],
+)
 def test_mini_presets_are_grayscale(name, patch):
     cfg = preset_config(name)
     assert (cfg.in_chans, cfg.img_size, cfg.patch_size) == (1, 28, patch)
@@ -318,6 +324,52 @@ def test_config_round_trips_through_a_dict():
     original = VisionTransformer(cfg)
     shapes = {k: v.shape for k, v in original.state_dict().items()}
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes
+
+
+# -- the hybrid: a convolutional stem before the patch projection ----------------------------
+
+
+@pytest.mark.parametrize("stem, kernel", [([8, 16], 2), ([8, 16, 16], 1), ([4], 4)])
+def test_stem_feature_map_is_cut_into_the_patch_grid(tiny_config, stem, kernel):
+    # 32x32 images, 8-pixel patches: each stride-2 layer halves the side, and the projection
+    # takes the patches of the feature map that keep the 4x4 grid
+    model = VisionTransformer(tiny_config(stem_channels=stem)).eval()
+    proj = model.patch_embed.proj
+    assert proj.in_channels == stem[-1]
+    assert proj.kernel_size == proj.stride == (kernel, kernel)
+    with torch.no_grad():
+        assert model.patch_embed(torch.randn(2, 3, 32, 32)).shape == (2, 16, 32)
+        assert model(torch.randn(2, 3, 64, 48)).shape == (2, 5)  # an 8x6 grid
+
+
+def test_stem_trains_each_image_alone(tiny_vit):
+    # GroupNorm, not BatchNorm: in training too an image's logits do not depend on its batch
+    model = tiny_vit(stem_channels=[8, 16]).train()
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(model(x)[1:2], model(x[1:2]), atol=1e-6, rtol=1e-5)
+    assert isinstance(model.patch_embed.backbone[0].bn, nn.GroupNorm)
+    assert isinstance(model.patch_embed.backbone[1].bn, nn.Identity)  # the last layer: conv only
+
+
+def test_stem_that_does_not_fit_the_patches_is_refused():
+    # 28 -> 14 -> 7 -> 4 pixels, but 4x4 patches need a grid of 7
+    cfg = ViTConfig(img_size=28, patch_size=4, in_chans=1, stem_channels=[8, 8, 8])
+    with pytest.raises(ValueError, match="3 stride-2 convolutions turn a side of 28 pixels into 4, not a multiple of its 7"):
+        VisionTransformer(cfg)
+
+
+def test_input_whose_stem_map_does_not_fit_is_refused():
+    model = VisionTransformer(ViTConfig(img_size=28, patch_size=7, in_chans=1, embed_dim=32,
+                                        depth=1, num_heads=2, stem_channels=[8, 8, 8]))  # fmt: skip
+    assert model.check_input(torch.zeros(1, 1, 14, 49)) == (2, 7)
+    with pytest.raises(ValueError, match="side of 56 pixels into 7, not a multiple of its 8 patches"):
+        model.check_input(torch.zeros(1, 1, 56, 28))
+
+
+@pytest.mark.parametrize("stem", [[0], [8, -1], 8, [True], [12, 16]], ids=str)
+def test_bad_stem_channels_are_refused_by_name(tiny_config, stem):
+    with pytest.raises(ValueError, match="stem_channels"):
+        VisionTransformer(tiny_config(stem_channels=stem))
 
 
 # -- stochastic depth -----------------------------------------------------------------------

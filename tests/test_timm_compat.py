@@ -117,6 +117,39 @@ def test_unsupported_timm_features_are_refused_by_name(timm_vit, kwargs, feature
     assert feature in str(err.value)
 
 
+def timm_hybrid(stride=(2, 2, 2), norm_groups=8, **kwargs) -> nn.Module:
+    """timm's ViT on the feature map of its ConvStem (24 -> 12 -> 6 -> 3 pixels, 1x1 patches)."""
+    from timm.layers import GroupNormAct
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    from timm.models.vision_transformer_hybrid import ConvStem, HybridEmbed
+
+    norm = partial(GroupNormAct, num_groups=norm_groups)
+    stem = ConvStem(in_chans=1, depth=3, channels=(8, 16, 32), stride=stride, norm_layer=norm)
+    arch = dict(img_size=24, patch_size=1, in_chans=1, num_classes=4, embed_dim=32, depth=2)
+    return TimmViT(**arch, num_heads=4, embed_layer=partial(HybridEmbed, backbone=stem), **kwargs)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_from_timm_hybrid_conv_stem_gives_timm_logits(training):
+    theirs = timm_hybrid().train(training)
+    with torch.no_grad():  # norms away from their initial identity
+        for p in theirs.patch_embed.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ours = from_timm(theirs)
+    assert (ours.cfg.patch_size, ours.cfg.in_chans, ours.cfg.stem_channels) == (8, 1, [8, 16, 32])
+    assert ours.training == training
+    x = torch.randn(4, 1, 24, 24)
+    assert _max_diff(_logits(ours, x), _logits(theirs, x)) <= ATOL
+
+
+@pytest.mark.parametrize(
+    "kwargs, layer", [(dict(stride=(2, 2, 1)), 2), (dict(norm_groups=4), 0)], ids=["stride", "norm"]
+)
+def test_hybrid_with_another_stem_is_refused(kwargs, layer):
+    with pytest.raises(ValueError, match=rf"a stem layer other than .* \(layer {layer}\)"):
+        from_timm(timm_hybrid(**kwargs))
+
+
 def test_config_from_timm_refuses_other_models():
     with pytest.raises(TypeError, match="Linear"):
         config_from_timm(nn.Linear(2, 2))

@@ -1,7 +1,8 @@
 """The Vision Transformer of Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021).
 
-An image is cut into patches by a strided convolution; a learned cls token and learned
-position embeddings are added; a stack of pre-norm encoder blocks (multi-head self-attention,
+An image is cut into patches by a strided convolution (or, in the paper's hybrid, the
+feature map of a small convolutional stem is); a learned cls token and learned position
+embeddings are added; a stack of pre-norm encoder blocks (multi-head self-attention,
 then an MLP, each around a residual) mixes the tokens; a linear head reads the cls token
 (or the mean of the patch tokens).
 
@@ -49,7 +50,14 @@ class ViTConfig:
     proj_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     norm_eps: float = 1e-6
+    # hybrid (the paper's Sec. 3.1): channels of 3x3 stride-2 convolutions before the patch
+    # projection, which then takes patches of their feature map; empty: the plain ViT
+    stem_channels: list[int] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # free-form notes (source, preset name)
+
+    def __post_init__(self):
+        if isinstance(self.stem_channels, tuple):  # as presets write it; a list once built
+            self.stem_channels = list(self.stem_channels)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -57,17 +65,82 @@ class ViTConfig:
         return d
 
 
-class PatchEmbed(nn.Module):
-    """Image to patch tokens with one strided convolution."""
+def stem_size(size: int, layers: int) -> int:
+    """Side of the feature map that ``layers`` 3x3 stride-2 convolutions (padding 1) leave."""
+    for _ in range(layers):
+        size = (size + 1) // 2
+    return size
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+
+def stem_kernel(img_size: int | tuple[int, int], patch_size: int, layers: int) -> tuple[int, int]:
+    """Kernel of the patch projection that turns the stem's feature map into the token grid
+    of ``patch_size``-pixel patches; ``patch_size`` itself without a stem."""
+    kernel = []
+    for side in _pair(img_size):
+        feature, grid = stem_size(side, layers), side // patch_size
+        if grid == 0 or feature % grid:
+            raise ValueError(
+                f"stem_channels: {layers} stride-2 convolutions turn a side of {side} pixels "
+                f"into {feature}, not a multiple of its {grid} patches of {patch_size} pixels; "
+                f"use a patch size that is a multiple of {2**layers}, or fewer stem layers"
+            )
+        kernel.append(feature // grid)
+    return kernel[0], kernel[1]
+
+
+STEM_GROUPS = 8  # GroupNorm groups in each stem layer but the last
+
+
+class ConvNormAct(nn.Module):
+    """Convolution, GroupNorm and ReLU: one layer of the hybrid's stem.
+
+    GroupNorm rather than BatchNorm: each image is normalised alone, so a batch split over
+    processes or accumulation steps trains as the whole batch would, and training and
+    evaluation compute the same function.
+    """
+
+    def __init__(self, in_chans: int, out_chans: int, last: bool):
+        super().__init__()
+        # the last layer feeds the projection directly, as in timm's ConvStem: bias, no norm.
+        # timm's ConvNormAct calls its norm "bn" whatever it is; the names stay timm's
+        self.conv = nn.Conv2d(in_chans, out_chans, 3, stride=2, padding=1, bias=last)
+        self.bn = nn.Identity() if last else nn.GroupNorm(STEM_GROUPS, out_chans)
+        self.act = nn.Identity() if last else nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens with one strided convolution, over the pixels or, in a hybrid,
+    over the feature map of a stem of 3x3 stride-2 convolutions (the layout of timm's
+    ``ConvStem`` with GroupNorm inside its ``HybridEmbed``, under the same parameter names)."""
+
+    def __init__(
+        self,
+        patch_size: int,
+        in_chans: int,
+        embed_dim: int,
+        img_size: tuple[int, int],
+        stem_channels: list[int] | tuple[int, ...] = (),
+    ):
         super().__init__()
         self.patch_size = patch_size
         self.in_chans = in_chans
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.stem_layers = len(stem_channels)
+        chans = [in_chans, *stem_channels]
+        if stem_channels:
+            last = len(stem_channels) - 1
+            self.backbone = nn.Sequential(
+                *(ConvNormAct(chans[i], chans[i + 1], last=i == last) for i in range(last + 1))
+            )
+        else:
+            self.backbone = nn.Identity()
+        kernel = stem_kernel(img_size, patch_size, self.stem_layers)
+        self.proj = nn.Conv2d(chans[-1], embed_dim, kernel_size=kernel, stride=kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # B, C, grid_h, grid_w
+        x = self.proj(self.backbone(x))  # B, C, grid_h, grid_w
         return x.flatten(2).transpose(1, 2)  # B, N, C
 
 
@@ -224,7 +297,9 @@ class VisionTransformer(nn.Module):
         dim = cfg.embed_dim
         use_fc_norm = cfg.global_pool == "avg" if cfg.fc_norm is None else cfg.fc_norm
 
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, dim)
+        self.patch_embed = PatchEmbed(
+            cfg.patch_size, cfg.in_chans, dim, self.img_size, cfg.stem_channels
+        )
         num_patches = self.grid_size[0] * self.grid_size[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
@@ -282,6 +357,13 @@ class VisionTransformer(nn.Module):
         p = self.patch_size
         if H % p or W % p:
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
+        layers = self.patch_embed.stem_layers
+        if layers and stem_kernel((H, W), p, layers) != self.patch_embed.proj.kernel_size:
+            raise ValueError(
+                f"image size {H}x{W}: the stem's feature map does not give a grid of "
+                f"{p}-pixel patches with the {self.patch_embed.proj.kernel_size} projection "
+                f"built for {self.img_size[0]}x{self.img_size[1]} images"
+            )
         return H // p, W // p
 
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -370,3 +452,12 @@ def check_config(cfg: ViTConfig) -> None:
         raise ValueError(f"global_pool must be 'token' or 'avg', got {cfg.global_pool!r}")
     if cfg.in_chans <= 0:
         raise ValueError(f"in_chans must be positive, got {cfg.in_chans}")
+    stem = cfg.stem_channels
+    if not isinstance(stem, list | tuple) or any(type(c) is not int or c <= 0 for c in stem):
+        raise ValueError(f"stem_channels must be a list of positive integers, got {stem!r}")
+    if any(c % STEM_GROUPS for c in stem[:-1]):
+        raise ValueError(
+            f"stem_channels {list(stem)}: every layer but the last is normalised in "
+            f"{STEM_GROUPS} groups, so its channels must be a multiple of {STEM_GROUPS}"
+        )
+    stem_kernel((h, w), p, len(cfg.stem_channels))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from vit.model import VisionTransformer, ViTConfig
+from vit.model import STEM_GROUPS, VisionTransformer, ViTConfig
 from vit.presets import preset_config
 from vit.weights import load_weights, read_state_dict
 
@@ -37,8 +37,9 @@ def _unsupported(model: nn.Module) -> list[str]:
         problems.append(f"global_pool={model.global_pool!r}")
     if getattr(model, "pool_include_prefix", False):
         problems.append("pooling that includes the class token (pool_include_prefix)")
-    if not isinstance(model.patch_embed.norm, nn.Identity):
+    if not isinstance(getattr(model.patch_embed, "norm", nn.Identity()), nn.Identity):
         problems.append("a norm in the patch embedding")
+    problems += _stem_problems(model.patch_embed)
     block = model.blocks[0]
     if type(block) is not TimmBlock:
         problems.append(f"block type {type(block).__name__}")
@@ -55,6 +56,51 @@ def _unsupported(model: nn.Module) -> list[str]:
     return problems
 
 
+def _stem_problems(embed: nn.Module) -> list[str]:
+    """What keeps a timm patch embedding from being ours: plain, or a hybrid whose backbone
+    is a ``ConvStem`` of 3x3 stride-2 convolutions with GroupNorm in 8 groups and ReLU."""
+    from timm.layers import PatchEmbed
+    from timm.models.vision_transformer_hybrid import ConvStem, HybridEmbed
+
+    if type(embed) is PatchEmbed:
+        return []
+    if type(embed) is not HybridEmbed or type(embed.backbone) is not ConvStem:
+        return [f"patch embedding {type(embed).__name__}"]
+    layers = list(embed.backbone)
+    for i, layer in enumerate(layers):
+        last, conv = i == len(layers) - 1, layer.conv
+        shape = (conv.kernel_size, conv.stride, conv.padding) == ((3, 3), (2, 2), (1, 1))
+        if last:  # timm's last stem layer is a bare convolution with a bias, as ours
+            norm = isinstance(layer.bn, nn.Identity) or list(layer.bn.children()) == []
+        else:  # timm's GroupNormAct: a GroupNorm that applies its activation
+            bn, act = layer.bn, getattr(layer.bn, "act", None)
+            norm = isinstance(bn, nn.GroupNorm) and isinstance(act, nn.ReLU)
+            norm = norm and (bn.num_groups, bn.eps, bn.affine) == (STEM_GROUPS, 1e-5, True)
+        if not (shape and norm and type(conv) is nn.Conv2d and (conv.bias is not None) == last):
+            return [
+                f"a stem layer other than 3x3 stride-2 conv, GroupNorm({STEM_GROUPS}), ReLU "
+                f"(layer {i})"
+            ]
+    if not isinstance(embed.proj, nn.Conv2d) or embed.proj.padding != (0, 0):
+        return ["a hybrid projection other than a patch convolution"]
+    return []
+
+
+def _patch_and_stem(embed: nn.Module) -> tuple[int, int, list[int]]:
+    """Our patch size (pixels per token), input channels and stem channels for a timm patch
+    embedding."""
+    from timm.models.vision_transformer_hybrid import HybridEmbed
+
+    img, grid = tuple(embed.img_size), tuple(embed.grid_size)
+    if img[0] % grid[0] or img[1] % grid[1] or img[0] // grid[0] != img[1] // grid[1]:
+        raise ValueError(f"non-square patches are not supported: {img} pixels, {grid} grid")
+    if not isinstance(embed, HybridEmbed):
+        return img[0] // grid[0], embed.proj.in_channels, []
+    layers = list(embed.backbone)
+    stem = [layer.conv.out_channels for layer in layers]
+    return img[0] // grid[0], layers[0].conv.in_channels, stem
+
+
 def config_from_timm(model: nn.Module) -> ViTConfig:
     """Read a :class:`ViTConfig` off a timm ``VisionTransformer``."""
     from timm.models.vision_transformer import VisionTransformer as TimmViT
@@ -64,15 +110,14 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
     problems = _unsupported(model)
     if problems:
         raise ValueError(f"this timm model uses features we do not support: {problems}")
-    patch = model.patch_embed.patch_size
-    if patch[0] != patch[1]:
-        raise ValueError(f"non-square patches {tuple(patch)} are not supported")
+    patch, in_chans, stem_channels = _patch_and_stem(model.patch_embed)
     block = model.blocks[0]
     final_norm = model.fc_norm if isinstance(model.norm, nn.Identity) else model.norm
     return ViTConfig(
         img_size=tuple(model.patch_embed.img_size),
-        patch_size=patch[0],
-        in_chans=model.patch_embed.proj.in_channels,
+        patch_size=patch,
+        in_chans=in_chans,
+        stem_channels=stem_channels,
         num_classes=model.num_classes,
         embed_dim=model.embed_dim,
         depth=len(model.blocks),
