@@ -354,7 +354,9 @@ def test_stem_trains_each_image_alone(tiny_vit):
 def test_stem_that_does_not_fit_the_patches_is_refused():
     # 28 -> 14 -> 7 -> 4 pixels, but 4x4 patches need a grid of 7
     cfg = ViTConfig(img_size=28, patch_size=4, in_chans=1, stem_channels=[8, 8, 8])
-    with pytest.raises(ValueError, match="3 stride-2 convolutions turn a side of 28 pixels into 4, not a multiple of its 7"):
+    with pytest.raises(
+        ValueError, match="turn a side of 28 pixels into 4, not a multiple of its 7"
+    ):
         VisionTransformer(cfg)
 
 
@@ -362,7 +364,7 @@ def test_input_whose_stem_map_does_not_fit_is_refused():
     model = VisionTransformer(ViTConfig(img_size=28, patch_size=7, in_chans=1, embed_dim=32,
                                         depth=1, num_heads=2, stem_channels=[8, 8, 8]))  # fmt: skip
     assert model.check_input(torch.zeros(1, 1, 14, 49)) == (2, 7)
-    with pytest.raises(ValueError, match="side of 56 pixels into 7, not a multiple of its 8 patches"):
+    with pytest.raises(ValueError, match="side of 56 pixels into 7, not a multiple of its 8"):
         model.check_input(torch.zeros(1, 1, 56, 28))
 
 
