@@ -269,6 +269,30 @@ def test_resume_with_nothing_to_resume(tmp_path, data_root, capsys):
     assert "nothing to resume" in err and str(tmp_path / "new") in err
 
 
+@pytest.mark.parametrize(
+    "change, shown",
+    [
+        ("model.img_size=42", "model.img_size is 42, was None"),
+        (
+            "model.options.stem_channels=[8,16,32]",
+            "model.options.stem_channels is [8, 16, 32], was unset",
+        ),
+    ],
+    ids=["img_size", "stem"],
+)
+def test_resume_with_another_model_is_refused(
+    tmp_path, reference, data_root, capsys, change, shown
+):
+    # the saved weights and optimiser state would not fit: refused before any work, and the
+    # run's saved config stays as it was
+    shutil.copytree(reference, tmp_path / "ref", symlinks=True)
+    saved = (tmp_path / "ref" / "config.yaml").read_text()
+    assert train(tmp_path, "ref", *recipe(data_root), change, resume=True) == 2
+    err = capsys.readouterr().err
+    assert "was started with another model" in err and shown in err, err
+    assert (tmp_path / "ref" / "config.yaml").read_text() == saved
+
+
 def test_new_run_into_an_existing_run_folder(tmp_path, reference, data_root, capsys):
     shutil.copytree(reference, tmp_path / "ref", symlinks=True)
     assert train(tmp_path, "ref", *recipe(data_root)) == 2

@@ -24,7 +24,7 @@ from timm.utils import ModelEmaV3
 
 from vit import checkpoint as ckpt
 from vit.build import DataBundle, build_data, build_model, default_workers, model_config
-from vit.config import Config, ConfigError
+from vit.config import Config, ConfigError, load_config
 from vit.engine import StepParts, TrainState, cpu_only, evaluate, train_one_epoch
 from vit.loader import eval_loader, train_loader
 from vit.optim import build_optimizer, build_scheduler
@@ -74,12 +74,43 @@ def prepare_run_dir(cfg: Config, resume: bool) -> Path:
     found = bool(ckpt.step_checkpoints(run_dir / "checkpoints"))
     if resume and not found:
         raise ConfigError(f"--resume: nothing to resume in {run_dir / 'checkpoints'}")
+    if resume:
+        check_same_model(cfg, run_dir / "config.yaml")
     if not resume and found:
         raise ConfigError(
             f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
             "name with log.name=NEW_NAME"
         )
     return run_dir
+
+
+def check_same_model(cfg: Config, saved: Path) -> None:
+    """A resumed run keeps the model and data set it was started with: refuse, naming the
+    keys, a config whose ``model`` section or ``data.dataset`` differ from the saved one's
+    (its weights and optimiser state would not fit)."""
+    if not saved.is_file():
+        return
+    before = load_config(saved)
+    old, new = asdict(before.model), asdict(cfg.model)
+    old |= {f"options.{k}": v for k, v in old.pop("options").items()}
+    new |= {f"options.{k}": v for k, v in new.pop("options").items()}
+
+    def shown(values: dict, key: str) -> str:
+        return repr(values[key]) if key in values else "unset"
+
+    changed = [
+        f"model.{key} is {shown(new, key)}, was {shown(old, key)}"
+        for key in sorted(old.keys() | new.keys())
+        if shown(old, key) != shown(new, key)
+    ]
+    if cfg.data.dataset != before.data.dataset:
+        changed.append(f"data.dataset is {cfg.data.dataset!r}, was {before.data.dataset!r}")
+    if changed:
+        raise ConfigError(
+            f"--resume: the run in {saved.parent} was started with another model or data set "
+            f"({'; '.join(changed)}); resume it as it was, or start a new run with "
+            "log.name=NEW_NAME"
+        )
 
 
 class Run:
