@@ -238,6 +238,21 @@ def test_weights_of_a_deeper_model_are_an_error(timm_vit, tmp_path):
     assert "blocks.2.attn.qkv.weight" in str(err.value)
 
 
+def test_weights_of_another_shape_are_an_error_naming_the_keys(tmp_path):
+    # a hybrid's weights for the plain preset: same keys but the projection's shape
+    weights = create_model("vit_mini_convstem_patch7_28").state_dict()
+    path = _save(weights, tmp_path / "weights.safetensors")
+    with pytest.raises(
+        ValueError, match=r"shapes differ for patch_embed.proj.weight \[96, 96, 1, 1\]"
+    ):
+        load_pretrained(path, preset="vit_mini_patch7_28")
+    wider = _save(
+        create_model("vit_mini_patch7_28", embed_dim=128).state_dict(), tmp_path / "w.pth"
+    )
+    with pytest.raises(ValueError, match=r"and \d+ more"):
+        load_pretrained(wider, preset="vit_mini_patch7_28")
+
+
 def test_weight_file_needs_a_preset(timm_vit, tmp_path):
     path = _save(timm_vit().state_dict(), tmp_path / "weights.pth")
     with pytest.raises(ValueError, match="needs a preset"):

@@ -35,14 +35,17 @@ def build_model(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
     vit_cfg = model_config(cfg, num_classes)
     if cfg.pretrained is None:
         return VisionTransformer(vit_cfg)
-    model = load_pretrained(
-        cfg.pretrained,
-        preset=cfg.name,
-        num_classes=num_classes,
-        img_size=vit_cfg.img_size,
-        drop_rate=cfg.drop_rate,
-        drop_path_rate=cfg.drop_path_rate,
-    )
+    try:
+        model = load_pretrained(
+            cfg.pretrained,
+            preset=cfg.name,
+            num_classes=num_classes,
+            img_size=vit_cfg.img_size,
+            drop_rate=cfg.drop_rate,
+            drop_path_rate=cfg.drop_path_rate,
+        )
+    except ValueError as e:  # weights that do not fit the preset, or an unreadable file
+        raise ConfigError(f"model.pretrained: {e}") from e
     logger.info("model weights from %s", cfg.pretrained)
     return model
 

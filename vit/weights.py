@@ -63,8 +63,9 @@ def load_weights(model: VisionTransformer, state: dict[str, torch.Tensor]) -> No
     """Load ``state`` into ``model``, strictly except for the classifier head.
 
     A head whose class count differs from the model's is dropped and the model's freshly
-    initialised head is kept (logged). Any other missing or unexpected key is an error that
-    lists the keys. A position embedding made for another image size is resized.
+    initialised head is kept (logged). Any other missing or unexpected key, or a tensor of
+    another shape, is an error that lists the keys. A position embedding made for another
+    image size is resized.
     """
     state = dict(state)
     head_w = state.get("head.weight")
@@ -84,6 +85,24 @@ def load_weights(model: VisionTransformer, state: dict[str, torch.Tensor]) -> No
         head_keys = {"head.weight", "head.bias"}
     else:
         head_keys = set()
+    # checked before loading: torch would copy the tensors that fit, then raise
+    own = model.state_dict()
+
+    def fits(key: str, value: torch.Tensor) -> bool:
+        if key == "pos_embed":  # resized to the model's grid while loading: its width counts
+            return value.shape[-1] == own[key].shape[-1]
+        return value.shape == own[key].shape
+
+    mismatched = [
+        f"{key} {list(value.shape)} (model {list(own[key].shape)})"
+        for key, value in state.items()
+        if key in own and not fits(key, value)
+    ]
+    if mismatched:
+        shown = ", ".join(mismatched[:6]) + (
+            f" and {len(mismatched) - 6} more" if len(mismatched) > 6 else ""
+        )
+        raise ValueError(f"weights do not fit the model: shapes differ for {shown}")
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k not in head_keys]
     if missing or result.unexpected_keys:
