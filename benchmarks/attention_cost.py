@@ -46,7 +46,11 @@ CUDA_ROWS = [
     ("vit_small_patch16_224", 128),
     ("vit_base_patch16_224", 64),
 ]
-QUICK_ROWS = [("vit_mini_patch7_28", 8), ("vit_tiny_patch16_224", 2)]
+QUICK_ROWS = [
+    ("vit_mini_convstem_patch7_28", 8),
+    ("vit_mini_patch7_28", 8),
+    ("vit_tiny_patch16_224", 2),
+]
 QUICK_IMG_SIZE = 64  # --quick builds the 224 presets at 64x64 (a 4x4 grid)
 CALLS = ("plain", "attention", "rollout")
 

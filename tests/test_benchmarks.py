@@ -231,7 +231,8 @@ def test_data_pipeline_skips_folders_not_given(bench, tmp_path):
 def test_attention_cost_quick(bench, tmp_path):
     report = run_quick(bench, "attention_cost", tmp_path)
     rows = report["rows"]
-    assert [r["model"] for r in rows] == ["vit_mini_patch7_28", "vit_tiny_patch16_224"]
+    models = ["vit_mini_convstem_patch7_28", "vit_mini_patch7_28", "vit_tiny_patch16_224"]
+    assert [r["model"] for r in rows] == models
     for row in rows:
         for call in ("plain", "attention", "rollout"):
             assert positive_spread(row["seconds"][call])

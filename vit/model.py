@@ -81,8 +81,9 @@ def stem_kernel(img_size: int | tuple[int, int], patch_size: int, layers: int) -
         if grid == 0 or feature % grid:
             raise ValueError(
                 f"stem_channels: {layers} stride-2 convolutions turn a side of {side} pixels "
-                f"into {feature}, not a multiple of its {grid} patches of {patch_size} pixels; "
-                f"use a patch size that is a multiple of {2**layers}, or fewer stem layers"
+                f"into {feature}, not a multiple of its {grid} patches of {patch_size} pixels "
+                f"(a stem fits every multiple of the patch size only when the patch size is "
+                f"a multiple of {2**layers})"
             )
         kernel.append(feature // grid)
     return kernel[0], kernel[1]

@@ -64,8 +64,10 @@ def _stem_problems(embed: nn.Module) -> list[str]:
 
     if type(embed) is PatchEmbed:
         return []
-    if type(embed) is not HybridEmbed or type(embed.backbone) is not ConvStem:
+    if type(embed) is not HybridEmbed:
         return [f"patch embedding {type(embed).__name__}"]
+    if type(embed.backbone) is not ConvStem:
+        return [f"a hybrid backbone {type(embed.backbone).__name__} (only timm's ConvStem)"]
     layers = list(embed.backbone)
     for i, layer in enumerate(layers):
         last, conv = i == len(layers) - 1, layer.conv
@@ -79,7 +81,7 @@ def _stem_problems(embed: nn.Module) -> list[str]:
         if not (shape and norm and type(conv) is nn.Conv2d and (conv.bias is not None) == last):
             return [
                 f"a stem layer other than 3x3 stride-2 conv, GroupNorm({STEM_GROUPS}), ReLU "
-                f"(layer {i})"
+                f"(layer {i}: {type(layer.bn).__name__})"
             ]
     if not isinstance(embed.proj, nn.Conv2d) or embed.proj.padding != (0, 0):
         return ["a hybrid projection other than a patch convolution"]
