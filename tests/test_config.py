@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,28 @@ def test_options_merge_key_by_key(tmp_path):
     )
     cfg = load_config(path, ["model.options.depth=1", "model.options.num_heads=2"])
     assert cfg.model.options == {"depth": 1, "embed_dim": 64, "qk_norm": True, "num_heads": 2}
+
+
+@pytest.mark.parametrize(
+    "override, shown",
+    [
+        ("model.options.mlp_ratio=abc", "model.options.mlp_ratio: expected float, got str"),
+        ("model.options.depth=2.5", "model.options.depth: expected int, got float 2.5"),
+        ("model.options.qkv_bias=maybe", "model.options.qkv_bias: expected bool"),
+        ("model.options.extra=3", "model.options.extra: expected a mapping"),
+        ("model.options.stem_channels=[16,a]", "model.options.stem_channels[1]: expected int"),
+    ],
+    ids=lambda v: v.split("=")[0] if "=" in v else None,
+)
+def test_model_options_of_the_wrong_type_name_the_key(override, shown):
+    with pytest.raises(ConfigError, match=re.escape(shown)):
+        load_config(None, [override])
+
+
+def test_model_options_of_the_right_type_pass():
+    options = ["model.options.mlp_ratio=3", "model.options.init_values=null"]
+    cfg = load_config(None, [*options, "model.options.stem_channels=[16,32,48]"])
+    assert cfg.model.options["stem_channels"] == [16, 32, 48]
 
 
 def test_later_overrides_win():

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from vit.model import check_config
+from vit.model import ViTConfig, check_config
 from vit.presets import preset_config
 
 
@@ -193,7 +193,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if len(value) != len(args):
             raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
         return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
-    if origin is dict:
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (arg,) = typing.get_args(hint)
+        return [_coerce(f"{key}[{i}]", v, arg) for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
@@ -335,7 +340,12 @@ def model_config(cfg: ModelConfig, num_classes: int):
 
 
 def _check_architecture(model: ModelConfig) -> None:
-    """The preset exists, its options are ViTConfig fields and the result can be built."""
+    """The preset exists, its options are ViTConfig fields of the right types and the result
+    can be built."""
+    hints = typing.get_type_hints(ViTConfig)
+    for name, value in model.options.items():
+        if name in hints:  # an unknown name is reported with the preset's fields below
+            _coerce(f"model.options.{name}", value, hints[name])
     try:
         check_config(model_config(model, num_classes=1))  # the class count comes from the data
     except (ValueError, TypeError) as e:
