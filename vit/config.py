@@ -305,7 +305,11 @@ def validate(cfg: Config) -> None:
         ("aug.pad", cfg.aug.pad >= 0, "must be >= 0"),
         ("aug.mixup", cfg.aug.mixup >= 0, "must be >= 0"),
         ("aug.cutmix", cfg.aug.cutmix >= 0, "must be >= 0"),
-        ("model.img_size", cfg.model.img_size is None or cfg.model.img_size > 0, "> 0"),
+        (
+            "model.img_size",
+            cfg.model.img_size is None or cfg.model.img_size > 0,
+            "must be positive",
+        ),
         ("model.drop_rate", 0.0 <= cfg.model.drop_rate < 1.0, "must be in [0, 1)"),
         ("model.drop_path_rate", 0.0 <= cfg.model.drop_path_rate < 1.0, "must be in [0, 1)"),
     ]

@@ -94,7 +94,9 @@ def _patch_and_stem(embed: nn.Module) -> tuple[int, int, list[int]]:
     from timm.models.vision_transformer_hybrid import HybridEmbed
 
     img, grid = tuple(embed.img_size), tuple(embed.grid_size)
-    if img[0] % grid[0] or img[1] % grid[1] or img[0] // grid[0] != img[1] // grid[1]:
+    if img[0] % grid[0] or img[1] % grid[1]:
+        raise ValueError(f"a {grid} token grid does not divide the {img} image into patches")
+    if img[0] // grid[0] != img[1] // grid[1]:
         raise ValueError(f"non-square patches are not supported: {img} pixels, {grid} grid")
     if not isinstance(embed, HybridEmbed):
         return img[0] // grid[0], embed.proj.in_channels, []
