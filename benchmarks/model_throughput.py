@@ -124,18 +124,17 @@ def build_pair(
         mlp_ratio=cfg.mlp_ratio,
     )
     if cfg.stem_channels:  # a hybrid: timm's ConvStem inside its HybridEmbed
-        theirs = timm_hybrid(cfg)
-        return from_timm(theirs).to(device), theirs.to(device)
-    # our small presets have no timm name: any timm ViT name with the full architecture
-    # passed as keyword arguments builds the same network
-    name = preset if preset in timm.list_models("vit_*") else "vit_tiny_patch16_224"
-    theirs = timm.create_model(name, pretrained=False, **arch)
-    ours = from_timm(theirs)
-    return ours.to(device), theirs.to(device)
+        theirs = timm_hybrid(cfg, arch)
+    else:
+        # our small presets have no timm name: any timm ViT name with the full architecture
+        # passed as keyword arguments builds the same network
+        name = preset if preset in timm.list_models("vit_*") else "vit_tiny_patch16_224"
+        theirs = timm.create_model(name, pretrained=False, **arch)
+    return from_timm(theirs).to(device), theirs.to(device)
 
 
-def timm_hybrid(cfg: ViTConfig) -> torch.nn.Module:
-    """timm's ``VisionTransformer`` with the hybrid patch embedding ``cfg`` describes."""
+def timm_hybrid(cfg: ViTConfig, arch: dict) -> torch.nn.Module:
+    """timm's ``VisionTransformer`` of ``arch`` on the hybrid stem ``cfg`` describes."""
     from timm.layers import GroupNormAct
     from timm.models.vision_transformer import VisionTransformer as TimmViT
     from timm.models.vision_transformer_hybrid import ConvStem, HybridEmbed
@@ -144,18 +143,9 @@ def timm_hybrid(cfg: ViTConfig) -> torch.nn.Module:
     norm = partial(GroupNormAct, num_groups=STEM_GROUPS)
     channels = tuple(cfg.stem_channels)
     stem = ConvStem(cfg.in_chans, layers, channels, stride=(2,) * layers, norm_layer=norm)
-    kernel = stem_kernel(cfg.img_size, cfg.patch_size, layers)
-    return TimmViT(
-        img_size=cfg.img_size,
-        patch_size=kernel,  # patches of the stem's feature map
-        in_chans=cfg.in_chans,
-        num_classes=cfg.num_classes,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        embed_layer=partial(HybridEmbed, backbone=stem),
-    )
+    kernel = stem_kernel(cfg.img_size, cfg.patch_size, layers)  # patches of the feature map
+    embed = partial(HybridEmbed, backbone=stem)
+    return TimmViT(**{**arch, "patch_size": kernel, "embed_layer": embed})
 
 
 def measure_phase(
