@@ -25,7 +25,7 @@ import timm
 import torch
 
 from vit import VisionTransformer, ViTConfig, from_timm, preset_config
-from vit.model import STEM_GROUPS, stem_kernel, stem_size
+from vit.patch_embed import STEM_GROUPS, stem_kernel, stem_size
 
 NAME = "model_throughput"
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from vit.model import STEM_GROUPS, VisionTransformer, ViTConfig
+from vit.model import VisionTransformer, ViTConfig
+from vit.patch_embed import STEM_GROUPS
 from vit.presets import preset_config
 from vit.weights import load_weights, read_state_dict
 
