@@ -91,17 +91,13 @@ def check_same_model(cfg: Config, saved: Path) -> None:
     if not saved.is_file():
         return
     before = load_config(saved)
-    old, new = asdict(before.model), asdict(cfg.model)
-    old |= {f"options.{k}": v for k, v in old.pop("options").items()}
-    new |= {f"options.{k}": v for k, v in new.pop("options").items()}
-
-    def shown(values: dict, key: str) -> str:
-        return repr(values[key]) if key in values else "unset"
-
+    # one entry a key, options included (model.options.depth), values as text
+    old = flat_hparams(asdict(before.model), "model.")
+    new = flat_hparams(asdict(cfg.model), "model.")
     changed = [
-        f"model.{key} is {shown(new, key)}, was {shown(old, key)}"
+        f"{key} is {new.get(key, 'unset')}, was {old.get(key, 'unset')}"
         for key in sorted(old.keys() | new.keys())
-        if shown(old, key) != shown(new, key)
+        if str(old.get(key, "unset")) != str(new.get(key, "unset"))
     ]
     if cfg.data.dataset != before.data.dataset:
         changed.append(f"data.dataset is {cfg.data.dataset!r}, was {before.data.dataset!r}")
